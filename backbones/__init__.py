@@ -1,0 +1,1 @@
+"""Frozen pretrained feature networks shared by the rest of the suite."""

@@ -1,0 +1,1 @@
+"""Throughput and quality benchmarks (not part of the test suite)."""

@@ -1,0 +1,1 @@
+"""ml_collections recipes, one file per recipe; `get_config(arg)` returns the ConfigDict."""

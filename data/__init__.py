@@ -1,0 +1,1 @@
+"""tfds builders and grain pipelines."""

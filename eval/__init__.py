@@ -1,0 +1,1 @@
+"""Generation and reconstruction metrics (FID and friends), sample grids."""

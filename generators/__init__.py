@@ -1,0 +1,1 @@
+"""Networks that model latents or tokens (DiT family) and their training objectives."""

@@ -1,0 +1,1 @@
+"""Training objectives: each turns a network into a loss and into a velocity for samplers."""

@@ -1,0 +1,1 @@
+"""Solvers, timestep grids and guidance; independent of any network."""

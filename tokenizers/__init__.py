@@ -1,0 +1,1 @@
+"""Image <-> latents/tokens. KL autoencoders, TiTok and FlexTok land here (later issues)."""

@@ -1,0 +1,1 @@
+"""Mesh and sharding rules, train state, optimizers, EMA, checkpointing, the trainer loop."""
