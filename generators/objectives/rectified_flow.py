@@ -1,0 +1,47 @@
+"""Rectified flow / flow matching in tesserax's time convention (DESIGN.md).
+
+x_t = (1 - t) x0 + t eps, t = 1 is noise, and the network regresses the velocity
+v = eps - x0 (Liu et al. 2023; Lipman et al. 2023; the REPA/SD3 orientation).
+Timesteps are logit-normal, t = sigmoid(N(mean, std)) (SD3 §3.1; LightningDiT "lognorm"),
+or uniform. Labels are replaced by the null class with probability `class_dropout` so one
+network serves classifier-free guidance (DiT LabelEmbedder.token_drop).
+"""
+import jax
+import jax.numpy as jnp
+
+
+def sample_time(key, batch_size, config):
+  """Training timesteps in [0, 1]."""
+  if config.time_sampling == "logit_normal":
+    normal = jax.random.normal(key, (batch_size,))
+    return jax.nn.sigmoid(config.logit_mean + config.logit_std * normal)
+  if config.time_sampling == "uniform":
+    return jax.random.uniform(key, (batch_size,))
+  raise ValueError(f"unknown time_sampling {config.time_sampling!r}; use logit_normal or uniform")
+
+
+def drop_labels(key, labels, class_dropout, num_classes):
+  """Replace each label by the null label `num_classes` with probability `class_dropout`."""
+  if class_dropout <= 0:
+    return labels
+  drop = jax.random.uniform(key, labels.shape) < class_dropout
+  return jnp.where(drop, num_classes, labels)
+
+
+def velocity(model, x, t, labels):
+  """The velocity the network predicts (the first C channels of a learned-sigma output)."""
+  return model(x, t, labels)[..., :x.shape[-1]]
+
+
+def loss(model, batch, key, *, objective, num_classes, class_dropout):
+  """Mean squared velocity error; returns (loss, metrics)."""
+  x0, labels = batch["image"], batch["label"]
+  key_t, key_eps, key_drop = jax.random.split(key, 3)
+  t = sample_time(key_t, x0.shape[0], objective)
+  eps = jax.random.normal(key_eps, x0.shape, x0.dtype)
+  tb = t[:, None, None, None]
+  x_t = (1 - tb) * x0 + tb * eps
+  labels = drop_labels(key_drop, labels, class_dropout, num_classes)
+  pred = velocity(model, x_t, t, labels)
+  mse = jnp.mean(jnp.square(pred - (eps - x0)))
+  return mse, {"loss": mse}

@@ -1,0 +1,127 @@
+"""Configs: loading a recipe file, command-line overrides and the workdir's config.json.
+
+A recipe is a Python file with `get_config(arg=None)` returning an ml_collections.ConfigDict
+(configs/*.py). `--config.a.b=VALUE` overrides an existing key; VALUE is parsed as a Python
+literal when it is one (numbers, booleans, tuples), else taken as a string. An unknown key or a
+value of the wrong type is refused with a one-line error.
+"""
+import ast
+import importlib.util
+import json
+import os
+
+import ml_collections
+
+from tesserax.errors import TesseraxError
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+# Keys that may change when a run resumes in the same workdir: they change how long it runs,
+# what it logs and where its data lives, not what it computes.
+RESUMABLE_KEYS = ("num_steps", "log_every_steps", "checkpoint", "sample", "eval", "mesh",
+                  "data.data_dir", "data.manual_dir")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Trainer defaults shared by every recipe; recipes override what they need."""
+  return ml_collections.ConfigDict(dict(
+      seed=0,
+      num_steps=1000,
+      batch_size=256,
+      ema_decay=0.9999,
+      log_every_steps=50,
+      mesh=dict(fsdp=1, tensor=1),
+      optim=dict(lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0,
+                 schedule="constant", end_lr_factor=0.0, grad_clip=0.0),
+      checkpoint=dict(every_steps=500, keep=3, keep_every=0, use_async=True),
+      sample=dict(every_steps=0, num_per_class=8, solver="euler", num_steps=32, shift=1.0,
+                  cfg_scale=1.0),
+  ))
+
+
+def resolve_path(name: str) -> str:
+  """A config path, or the name of a file in the packaged configs/ folder."""
+  for candidate in (name, os.path.join(CONFIGS_DIR, name), os.path.join(CONFIGS_DIR, name + ".py")):
+    if os.path.isfile(candidate):
+      return candidate
+  available = sorted(f[:-3] for f in os.listdir(CONFIGS_DIR) if f.endswith(".py") and f[0] != "_")
+  raise TesseraxError(f"config file not found: {name} (packaged configs: {', '.join(available)})")
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """Load `path[:arg]` and call its get_config(arg)."""
+  path, _, arg = spec.partition(":")
+  path = resolve_path(path)
+  module_spec = importlib.util.spec_from_file_location("tesserax_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _parse_value(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
+  """Apply {"a.b": "VALUE"} overrides in place."""
+  for dotted, text in overrides.items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for i, key in enumerate(parents):
+      if key not in node or not isinstance(node[key], ml_collections.ConfigDict):
+        raise TesseraxError(f"unknown config key {'.'.join(parents[:i + 1])!r} in --config.{dotted}")
+      node = node[key]
+    if leaf not in node:
+      raise TesseraxError(f"unknown config key {dotted!r}; keys under "
+                          f"{'.'.join(parents) or 'config'}: {', '.join(sorted(node.keys()))}")
+    value = _parse_value(text)
+    old = node[leaf]
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    if isinstance(old, str) and not isinstance(value, str):
+      value = text
+    try:
+      node[leaf] = value
+    except TypeError:
+      raise TesseraxError(f"--config.{dotted}={text}: expected a value of type "
+                          f"{type(old).__name__}") from None
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(_flatten(value, name + "."))
+    else:
+      out[name] = value
+  return out
+
+
+def _resumable(name: str) -> bool:
+  return any(name == k or name.startswith(k + ".") for k in RESUMABLE_KEYS)
+
+
+def check_or_write_workdir_config(config: ml_collections.ConfigDict, workdir: str,
+                                  write: bool) -> None:
+  """Refuse a workdir whose config.json differs from `config` in a key that changes what the run
+  computes; otherwise (re)write config.json when `write` (process 0)."""
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json())
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    a, b = _flatten(saved), _flatten(current)
+    diffs = [k for k in sorted(set(a) | set(b)) if not _resumable(k) and a.get(k) != b.get(k)]
+    if diffs:
+      shown = ", ".join(f"{k} ({a.get(k)!r} there, {b.get(k)!r} now)" for k in diffs[:3])
+      raise TesseraxError(f"workdir {workdir} was written by a different config: {shown}"
+                          f"{' and more' if len(diffs) > 3 else ''}; use a new --workdir")
+  if write:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump(current, f, indent=2)
+    os.replace(path + ".tmp", path)

@@ -1,0 +1,121 @@
+"""Device mesh ("data", "fsdp", "tensor") and logical-axis sharding rules.
+
+Parameters carry logical axis names (generators/dit.py); `param_shardings` maps them onto the
+mesh with `RULES`, the MaxText/maxdiffusion way. The batch is split over ("data", "fsdp"), so
+with `mesh.fsdp = 1` the run is pure data parallel and with `mesh.fsdp = -1` (all devices) it is
+FSDP: the same batch split, with every `embed` dimension of the parameters, optimizer state and
+EMA sharded over the fsdp axis. `mesh.tensor > 1` adds Megatron-style tensor parallelism over
+heads and MLP width.
+
+A dimension that the mesh axis does not divide stays replicated rather than failing, so tiny
+test models run on any mesh.
+"""
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from tesserax.errors import TesseraxError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical name -> mesh axis (None: replicated).
+RULES = (
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", None),
+    ("conv_in", None),
+    ("conv_out", None),
+)
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor): fsdp and tensor from the config (fsdp -1 = all that tensor leaves),
+  data = the rest."""
+  tensor = int(mesh_config.tensor)
+  fsdp = int(mesh_config.fsdp)
+  if tensor < 1 or num_devices % tensor:
+    raise TesseraxError(f"mesh.tensor={tensor} does not divide the {num_devices} devices")
+  if fsdp == -1:
+    fsdp = num_devices // tensor
+  if fsdp < 1 or num_devices % (fsdp * tensor):
+    raise TesseraxError(
+        f"mesh.fsdp={fsdp} x mesh.tensor={tensor} does not divide the {num_devices} devices")
+  return num_devices // (fsdp * tensor), fsdp, tensor
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+  """A mesh over all (global) devices with Auto axis types (reference/infra.md §3.3)."""
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_config, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(names, shape, mesh: Mesh, rules=RULES) -> P:
+  """PartitionSpec for an array with logical axis `names` (None or a tuple) and `shape`."""
+  if names is None:
+    return P()
+  table = dict(rules)
+  used, spec = set(), []
+  for name, dim in zip(names, shape):
+    axis = table.get(name)
+    if axis is None or axis in used or mesh.shape[axis] == 1 or dim % mesh.shape[axis]:
+      spec.append(None)
+    else:
+      used.add(axis)
+      spec.append(axis)
+  return P(*spec)
+
+
+def logical_names(abstract_state):
+  """Pure-dict tree of the logical names (or None) of an NNX state's variables."""
+  from flax import nnx
+  names = jax.tree.map(lambda v: v.get_metadata().get("out_sharding"), abstract_state,
+                       is_leaf=lambda v: isinstance(v, nnx.Variable))
+  return nnx.to_pure_dict(names)
+
+
+def param_shardings(abstract_params, names, mesh: Mesh):
+  """NamedShardings for a pure-dict tree of ShapeDtypeStructs given its logical names."""
+  return jax.tree.map(
+      lambda n, x: NamedSharding(mesh, logical_to_spec(n, x.shape, mesh)),
+      names, abstract_params, is_leaf=lambda n: n is None or isinstance(n, tuple))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Leading (batch) dimension split over ("data", "fsdp"), the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local_batch: dict, mesh: Mesh) -> dict:
+  """Assemble a global batch from each process's contiguous slice of it."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), v)
+          for k, v in local_batch.items()}
+
+
+def host_to_global(array: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A host array, identical on every process, as a global array split along the batch."""
+  array = np.asarray(array)
+  return jax.make_array_from_callback(array.shape, batch_sharding(mesh, array.ndim),
+                                      lambda index: array[index])
+
+
+def global_to_host(array: jax.Array) -> np.ndarray:
+  """The full value of a (possibly multi-process) global array on every process."""
+  if array.is_fully_addressable:
+    return np.asarray(jax.device_get(array))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def sharded_normal(key, shape, mesh: Mesh) -> jax.Array:
+  """Standard normal noise generated directly in the batch sharding (the same values on any
+  mesh, with jax_threefry_partitionable)."""
+  return jax.jit(lambda k: jax.random.normal(k, shape),
+                 out_shardings=batch_sharding(mesh, len(shape)))(key)
