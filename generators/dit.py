@@ -68,9 +68,13 @@ def _linear(din, dout, names, rngs, dtype, kernel_init=None, zero=False):
       bias_init=nnx.with_partitioning(jax.nn.initializers.zeros, (names[1],)))
 
 
+def _at_least_f32(x):
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _layer_norm(x, eps=1e-6):
-  """LayerNorm without affine parameters, computed in float32."""
-  x32 = x.astype(jnp.float32)
+  """LayerNorm without affine parameters, computed in (at least) float32."""
+  x32 = _at_least_f32(x)
   mean = x32.mean(-1, keepdims=True)
   var = jnp.square(x32 - mean).mean(-1, keepdims=True)
   return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
@@ -83,8 +87,9 @@ def _modulate(x, shift, scale):
 def timestep_embedding(t, dim=TIME_FREQUENCY_DIM, max_period=10000.0):
   """[cos, sin] sinusoid of DiT's TimestepEmbedder.timestep_embedding (dim even)."""
   half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  t = _at_least_f32(t)
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=t.dtype) / half)
+  args = t[:, None] * freqs[None]
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
@@ -218,7 +223,7 @@ class DiT(nnx.Module):
     c = self.t_embedder(t * self.time_scale) + self.y_embedder(labels)
     for block in self.blocks:
       h = block(h, c)
-    return self.unpatchify(self.final_layer(h, c)).astype(jnp.float32)
+    return _at_least_f32(self.unpatchify(self.final_layer(h, c)))
 
 
 def count_params(config) -> int:

@@ -1,0 +1,172 @@
+"""DiT against the official architecture: parameter counts, init, embeddings, and a float64
+NumPy forward pass written from reference/generators.md §1.3 in the official (torch) layout."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tesserax.generators import dit
+
+SMALL = dict(input_size=8, in_channels=3, patch_size=2, hidden_size=32, depth=2, num_heads=4,
+             num_classes=5, learn_sigma=True)
+
+
+def test_dit_xl2_parameter_count_is_the_official_one():
+  # fast-DiT logs "DiT Parameters: 675,129,632" (reference/generators.md §1.2).
+  assert dit.count_params(dit.dit_config("XL/2")) == 675_129_632
+
+
+def test_official_key_table_shapes():
+  """Every array of DiT-XL/2 has the shape of the released state_dict (torch layout)."""
+  model = nnx.eval_shape(lambda: dit.DiT(dit.dit_config("XL/2"), rngs=nnx.Rngs(0)))
+  state = nnx.to_pure_dict(nnx.state(model))
+  assert state["pos_embed"].shape == (256, 1152)
+  assert state["x_embedder"]["kernel"].shape == (2, 2, 4, 1152)  # HWIO of [1152, 4, 2, 2]
+  assert state["y_embedder"]["embedding"].shape == (1001, 1152)
+  assert state["t_embedder"]["mlp_0"]["kernel"].shape == (256, 1152)
+  block = state["blocks"][27]
+  assert block["attn"]["qkv"]["kernel"].shape == (1152, 3456)
+  assert block["mlp"]["fc1"]["kernel"].shape == (1152, 4608)
+  assert block["adaLN_modulation"]["kernel"].shape == (1152, 6912)
+  assert state["final_layer"]["linear"]["kernel"].shape == (1152, 32)
+  assert state["final_layer"]["adaLN_modulation"]["kernel"].shape == (1152, 2304)
+
+
+def _numpy_pos_embed(dim, grid):
+  """DiT's get_2d_sincos_pos_embed re-derived: w fills the first half, each half [sin, cos]."""
+  out = np.zeros((grid * grid, dim))
+  quarter = dim // 4
+  omega = 1.0 / 10000 ** (np.arange(quarter) / quarter)
+  for i in range(grid):          # row (h)
+    for j in range(grid):        # column (w)
+      token = i * grid + j
+      out[token, :quarter] = np.sin(j * omega)
+      out[token, quarter:2 * quarter] = np.cos(j * omega)
+      out[token, 2 * quarter:3 * quarter] = np.sin(i * omega)
+      out[token, 3 * quarter:] = np.cos(i * omega)
+  return out
+
+
+def test_pos_embed_matches_the_official_formula():
+  np.testing.assert_allclose(dit.sincos_pos_embed_2d(64, 4), _numpy_pos_embed(64, 4), atol=1e-12)
+
+
+def test_init_follows_adaln_zero():
+  config = dit.dit_config("S/2", **SMALL)
+  model = dit.DiT(config, rngs=nnx.Rngs(0))
+  state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  for block in state["blocks"].values():
+    assert not np.any(block["adaLN_modulation"]["kernel"])
+    bound = np.sqrt(6.0 / (32 + 96))  # xavier on the fused [3D, D] qkv
+    qkv = np.asarray(block["attn"]["qkv"]["kernel"])
+    assert qkv.max() <= bound and qkv.max() > 0.9 * bound
+  assert not np.any(state["final_layer"]["linear"]["kernel"])
+  assert abs(np.std(state["y_embedder"]["embedding"]) - 0.02) < 0.005
+  x = jnp.ones((2, 8, 8, 3))
+  assert not np.any(model(x, jnp.array([0.2, 0.7]), jnp.array([0, 5])))  # zero output at init
+
+
+def _to_torch_layout(state):
+  """tesserax params -> the official DiT state_dict layout (Linear W = kernel.T, conv OIHW)."""
+  sd = {"pos_embed": state["pos_embed"][None],
+        "x_embedder.proj.weight": state["x_embedder"]["kernel"].transpose(3, 2, 0, 1),
+        "x_embedder.proj.bias": state["x_embedder"]["bias"],
+        "y_embedder.embedding_table.weight": state["y_embedder"]["embedding"]}
+  lin = lambda p, name: {f"{name}.weight": p["kernel"].T, f"{name}.bias": p["bias"]}
+  sd.update(lin(state["t_embedder"]["mlp_0"], "t_embedder.mlp.0"))
+  sd.update(lin(state["t_embedder"]["mlp_2"], "t_embedder.mlp.2"))
+  for i, b in state["blocks"].items():
+    sd.update(lin(b["attn"]["qkv"], f"blocks.{i}.attn.qkv"))
+    sd.update(lin(b["attn"]["proj"], f"blocks.{i}.attn.proj"))
+    sd.update(lin(b["mlp"]["fc1"], f"blocks.{i}.mlp.fc1"))
+    sd.update(lin(b["mlp"]["fc2"], f"blocks.{i}.mlp.fc2"))
+    sd.update(lin(b["adaLN_modulation"], f"blocks.{i}.adaLN_modulation.1"))
+  sd.update(lin(state["final_layer"]["linear"], "final_layer.linear"))
+  sd.update(lin(state["final_layer"]["adaLN_modulation"], "final_layer.adaLN_modulation.1"))
+  return {k: np.asarray(v, np.float64) for k, v in sd.items()}
+
+
+def _numpy_dit_forward(sd, x_nchw, t_int, y, *, depth, heads, patch, out_channels):
+  """The official DiT forward in float64 NumPy, NCHW in and out (models.py semantics)."""
+  linear = lambda h, name: h @ sd[f"{name}.weight"].T + sd[f"{name}.bias"]
+  silu = lambda h: h / (1 + np.exp(-h))
+  gelu = lambda h: 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+  def layer_norm(h):
+    mu = h.mean(-1, keepdims=True)
+    return (h - mu) / np.sqrt(((h - mu) ** 2).mean(-1, keepdims=True) + 1e-6)
+  modulate = lambda h, shift, scale: h * (1 + scale[:, None]) + shift[:, None]
+  n, c, hh, ww = x_nchw.shape
+  gh, gw = hh // patch, ww // patch
+  w = sd["x_embedder.proj.weight"]
+  tokens = np.zeros((n, gh * gw, w.shape[0]))
+  for i in range(gh):
+    for j in range(gw):
+      crop = x_nchw[:, :, i * patch:(i + 1) * patch, j * patch:(j + 1) * patch]
+      tokens[:, i * gw + j] = np.einsum("ncab,dcab->nd", crop, w) + sd["x_embedder.proj.bias"]
+  h = tokens + sd["pos_embed"]
+  half = 128
+  freqs = np.exp(-np.log(10000) * np.arange(half) / half)
+  args = t_int[:, None] * freqs[None]
+  t_freq = np.concatenate([np.cos(args), np.sin(args)], -1)
+  cond = linear(silu(linear(t_freq, "t_embedder.mlp.0")), "t_embedder.mlp.2")
+  cond = cond + sd["y_embedder.embedding_table.weight"][y]
+  d = h.shape[-1]
+  hd = d // heads
+  for i in range(depth):
+    mod = linear(silu(cond), f"blocks.{i}.adaLN_modulation.1")
+    s_msa, sc_msa, g_msa, s_mlp, sc_mlp, g_mlp = np.split(mod, 6, axis=-1)
+    a = modulate(layer_norm(h), s_msa, sc_msa)
+    qkv = linear(a, f"blocks.{i}.attn.qkv").reshape(n, -1, 3, heads, hd).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv
+    logits = q @ k.transpose(0, 1, 3, 2) * hd ** -0.5
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    attn = (p @ v).transpose(0, 2, 1, 3).reshape(n, -1, d)
+    h = h + g_msa[:, None] * linear(attn, f"blocks.{i}.attn.proj")
+    m = modulate(layer_norm(h), s_mlp, sc_mlp)
+    h = h + g_mlp[:, None] * linear(gelu(linear(m, f"blocks.{i}.mlp.fc1")), f"blocks.{i}.mlp.fc2")
+  shift, scale = np.split(linear(silu(cond), "final_layer.adaLN_modulation.1"), 2, axis=-1)
+  out = linear(modulate(layer_norm(h), shift, scale), "final_layer.linear")
+  out = out.reshape(n, gh, gw, patch, patch, out_channels)
+  return np.einsum("nhwpqc->nchpwq", out).reshape(n, out_channels, gh * patch, gw * patch)
+
+
+# float64 is limited by the float32 softmax inside jax.nn.dot_product_attention; a layout error
+# would show up as O(1) differences.
+@pytest.mark.parametrize("dtype,rtol", [("float64", 2e-6), ("float32", 1e-5)])
+def test_forward_matches_float64_numpy_reference(dtype, rtol):
+  with jax.enable_x64(dtype == "float64"):
+    _check_forward(dtype, rtol)
+
+
+def _check_forward(dtype, rtol):
+  config = dit.dit_config("S/2", dtype=dtype, **SMALL)
+  model = dit.DiT(config, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  # Random values everywhere (the zero-initialised adaLN and final layers too).
+  leaves, treedef = jax.tree.flatten(nnx.to_pure_dict(params))
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  leaves = [0.2 * jax.random.normal(k, l.shape, dtype) for k, l in zip(keys, leaves)]
+  params = jax.tree.unflatten(treedef, leaves)
+  model = nnx.merge(graphdef, params, nnx.to_pure_dict(rest))
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, 8, 8, 3)).astype(dtype)
+  t = np.array([0.0, 0.37, 1.0], dtype)
+  y = np.array([0, 4, 5], np.int32)  # 5 is the null class
+  with jax.default_matmul_precision("highest"):
+    ours = np.asarray(model(jnp.asarray(x), jnp.asarray(t), jnp.asarray(y)), np.float64)
+  sd = _to_torch_layout(nnx.to_pure_dict(nnx.state(model)))
+  ref = _numpy_dit_forward(sd, x.transpose(0, 3, 1, 2).astype(np.float64),
+                           t.astype(np.float64) * 1000.0, y, depth=2, heads=4, patch=2,
+                           out_channels=6)
+  ref = ref.transpose(0, 2, 3, 1)
+  assert ours.shape == (3, 8, 8, 6)
+  # Relative to the output's scale: float32 rounding of O(10) activations is ~1e-6 of it.
+  np.testing.assert_allclose(ours, ref, rtol=0, atol=rtol * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("name,count", [("S/2", 33), ("B/2", 130), ("L/2", 458), ("XL/8", 676)])
+def test_named_sizes_have_the_published_parameter_scale(name, count):
+  # DiT paper Table 4 / reference/generators.md §1.2 (millions, rounded).
+  assert round(dit.count_params(dit.dit_config(name)) / 1e6) == count

@@ -1,0 +1,152 @@
+"""`tesserax demo`: train the digits DiT, then score it at every sampler and NFE.
+
+Writes to the workdir, next to the trainer's own files:
+  samples_grid.png  EMA samples at the largest Euler NFE, one row per class (0 at the top);
+  metrics.json      FID-digits and class accuracy per sampler and NFE, and the real-data floor
+                    (the digits train split scored the same way);
+  nfe_sweep.png     FID-digits and accuracy against NFE for Euler and Heun.
+Every setting samples the same labels from the same noise. Heun takes 2 NFE per step (the
+correction is also applied on the last step), so it has no 1-NFE entry.
+"""
+import json
+import os
+
+import jax
+import numpy as np
+
+from tesserax.errors import TesseraxError
+from tesserax.training import trainer
+
+SOLVERS = ("euler", "heun")
+
+
+def solver_steps(solver: str, nfe: int):
+  """Solver steps that spend exactly `nfe` network evaluations, or None if impossible."""
+  if solver == "euler":
+    return nfe
+  return nfe // 2 if nfe % 2 == 0 else None
+
+
+def run(config, workdir: str) -> dict:
+  setup, state = trainer.train(config, workdir)
+  return evaluate(setup, state["ema"], workdir)
+
+
+def evaluate(setup, params, workdir: str) -> dict:
+  from tesserax.backbones.digits_net import load_digits_net
+  from tesserax.data import pipeline
+  from tesserax.eval.digits import digits_metrics, digits_reference_stats
+  from tesserax.eval.grid import save_grid
+  c = setup.config
+  net = load_digits_net(c.data.resolution)
+  reference = digits_reference_stats("test", c.data.resolution, net)
+  train_images, train_labels = pipeline.load_split(c.data, "train")
+  results = {"floor": digits_metrics(train_images, train_labels, reference, net),
+             "num_samples": c.eval.num_samples, "cfg_scale": c.eval.cfg_scale,
+             "step": _last_logged_step(workdir)}
+  labels = np.arange(c.eval.num_samples, dtype=np.int32) % c.model.num_classes
+  key = jax.random.PRNGKey(c.seed + 1)
+  grid_images = None
+  for solver in SOLVERS:
+    results[solver] = {}
+    for nfe in c.eval.nfe:
+      steps = solver_steps(solver, nfe)
+      if steps is None:
+        continue
+      images = trainer.generate(setup, params, labels, key, solver, steps,
+                                cfg_scale=c.eval.cfg_scale, batch_size=c.eval.batch_size)
+      results[solver][str(nfe)] = digits_metrics(images, labels, reference, net)
+      _print_row(solver, nfe, results[solver][str(nfe)])
+      if solver == "euler" and nfe == max(c.eval.nfe):
+        grid_images = images
+  if jax.process_index() == 0:
+    per_class = min(10, c.eval.num_samples // c.model.num_classes)
+    order = np.concatenate([np.flatnonzero(labels == k)[:per_class]
+                            for k in range(c.model.num_classes)])
+    save_grid(os.path.join(workdir, "samples_grid.png"), grid_images[order], nrow=per_class)
+    _plot_sweep(results, os.path.join(workdir, "nfe_sweep.png"))
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+      json.dump(results, f, indent=2)
+    print(f"real-data floor (train vs test): FID-digits {results['floor']['fid']:.3f}, "
+          f"accuracy {results['floor']['accuracy']:.3f}")
+    print(f"wrote {workdir}/metrics.json, samples_grid.png and nfe_sweep.png")
+  return results
+
+
+def _last_logged_step(workdir):
+  """The training step the evaluated parameters belong to (from the workdir's metrics)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    steps = [json.loads(line)["step"] for line in f if line.strip()]
+  return max(steps, default=0)
+
+
+def _print_row(solver, nfe, metrics):
+  if jax.process_index() == 0:
+    print(f"{solver:>5} NFE {nfe:>2}: FID-digits {metrics['fid']:8.3f}  "
+          f"accuracy {metrics['accuracy']:.3f}", flush=True)
+
+
+def _plot_sweep(results, path):
+  """FID-digits and accuracy against NFE, drawn with PIL (no plotting dependency)."""
+  from PIL import Image, ImageDraw
+  width, height, margin = 640, 300, 50
+  image = Image.new("RGB", (2 * width, height), "white")
+  draw = ImageDraw.Draw(image)
+  colors = {"euler": (31, 119, 180), "heun": (214, 39, 40)}
+  for panel, (metric, label) in enumerate((("fid", "FID-digits (log)"), ("accuracy", "accuracy"))):
+    x0 = panel * width
+    values = [v[metric] for s in SOLVERS for v in results[s].values()] + [results["floor"][metric]]
+    transform = np.log10 if metric == "fid" else (lambda v: v)
+    lo, hi = transform(max(min(values), 1e-3)), transform(max(values))
+    hi = hi if hi > lo else lo + 1
+    nfes = sorted({int(n) for s in SOLVERS for n in results[s]})
+    px = lambda n: x0 + margin + (width - 2 * margin) * np.log2(n) / max(np.log2(max(nfes)), 1)
+    py = lambda v: height - margin - (height - 2 * margin) * (transform(max(v, 1e-3)) - lo) / (hi - lo)
+    draw.rectangle([x0 + margin, margin, x0 + width - margin, height - margin], outline="black")
+    draw.text((x0 + margin, 15), label + " vs NFE", fill="black")
+    for n in nfes:
+      draw.text((px(n) - 4, height - margin + 8), str(n), fill="black")
+    floor_y = py(results["floor"][metric])
+    draw.line([x0 + margin, floor_y, x0 + width - margin, floor_y], fill=(120, 120, 120))
+    draw.text((x0 + width - margin - 90, floor_y - 14), "real-data floor", fill=(120, 120, 120))
+    for s in SOLVERS:
+      points = [(px(int(n)), py(v[metric])) for n, v in sorted(results[s].items(), key=lambda kv: int(kv[0]))]
+      if len(points) > 1:
+        draw.line(points, fill=colors[s], width=2)
+      for x, y in points:
+        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colors[s])
+      draw.text((x0 + width - margin - 50, margin + 8 + 14 * SOLVERS.index(s)), s, fill=colors[s])
+  image.save(path)
+
+
+def evaluate_samples_file(path: str, metrics) -> dict:
+  """Score an ADM-style samples .npz (arr_0 uint8 NHWC, arr_1 labels) on the digits metrics."""
+  from tesserax.backbones.digits_net import load_digits_net
+  from tesserax.data.preprocess import to_model_range
+  from tesserax.eval.digits import digits_metrics, digits_reference_stats
+  known = ("fid_digits", "accuracy")
+  unknown = [m for m in metrics if m not in known]
+  if unknown:
+    raise TesseraxError(f"unknown metric {unknown[0]!r}; available here: {', '.join(known)}")
+  if not os.path.isfile(path):
+    raise TesseraxError(f"samples file not found: {path}")
+  with np.load(path) as data:
+    if "arr_0" not in data:
+      raise TesseraxError(f"{path} has no arr_0 (uint8 NHWC images)")
+    images = data["arr_0"]
+    labels = data["arr_1"] if "arr_1" in data else None
+  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != images.shape[2]:
+    raise TesseraxError(f"{path}: arr_0 must be uint8 [N, R, R, C], got {images.dtype} "
+                        f"{list(images.shape)}")
+  if "accuracy" in metrics and labels is None:
+    raise TesseraxError(f"{path} has no arr_1 labels, needed for accuracy")
+  net = load_digits_net(images.shape[1])
+  reference = digits_reference_stats("test", images.shape[1], net)
+  scores = digits_metrics(to_model_range(images),
+                          labels if labels is not None else np.zeros(len(images), np.int32),
+                          reference, net)
+  names = {"fid_digits": "fid", "accuracy": "accuracy"}
+  return {m: scores[names[m]] for m in metrics}
