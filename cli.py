@@ -173,6 +173,9 @@ COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "sample": _cmd_sample, "eval
 
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.ERROR)
   try:
     overrides, rest = _split_config_overrides(argv)
     args = _parser().parse_args(rest)

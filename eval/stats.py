@@ -38,7 +38,11 @@ class FeatureStats:
     self.count = total
 
   def update(self, features):
-    """Adds a batch of features [B, D]: a NumPy array or a (sharded) jax.Array."""
+    """Adds a batch of features [B, D]: a NumPy array or a (sharded) jax.Array.
+
+    A jax.Array spanning several processes adds only the rows this process owns, so that
+    `all_processes` counts every row once.
+    """
     if np.ndim(features) != 2:
       raise TesseraxError(f"features must have shape [B, D], got {np.shape(features)}")
     x = _local_rows(features)

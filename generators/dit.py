@@ -230,3 +230,24 @@ def count_params(config) -> int:
   """Number of parameters including the pos_embed buffer, as in the official state_dict."""
   model = nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0)))
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model)))
+
+
+def forward_flops(config) -> float:
+  """Forward FLOPs per image (2 per multiply-accumulate), counted from the module shapes.
+
+  DiT's "Gflops" are multiply-accumulates: XL/2 at 256px is 118.6 GMACs, i.e. ~237 GFLOP
+  (reference/generators.md §1.2). A training step costs ~3x the forward pass without remat.
+  """
+  c = config
+  d, p = c.hidden_size, c.patch_size
+  tokens = (c.input_size // p) ** 2
+  out_channels = c.in_channels * (2 if c.learn_sigma else 1)
+  hidden = int(d * c.mlp_ratio)
+  per_block = (tokens * (3 * d * d + d * d + 2 * d * hidden)   # qkv, proj, fc1 + fc2
+               + 2 * tokens * tokens * d                      # q k^T and attention @ v
+               + d * 6 * d)                                   # adaLN modulation
+  macs = (tokens * p * p * c.in_channels * d                  # patch embedding
+          + TIME_FREQUENCY_DIM * d + d * d                    # timestep MLP
+          + c.depth * per_block
+          + d * 2 * d + tokens * d * p * p * out_channels)    # final layer
+  return 2.0 * macs

@@ -2,6 +2,7 @@
 import functools
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tesserax.errors import TesseraxError
@@ -31,9 +32,10 @@ def make_sampler(apply_fn, *, solver="euler", num_steps, shift=1.0, cfg_scale=1.
   """
   if solver not in SOLVERS:
     raise TesseraxError(f"unknown solver {solver!r}; choose from {sorted(SOLVERS)}")
-  solve = functools.partial(heun, final_correction=final_correction) if solver == "heun" \
-      else SOLVERS[solver]
-  times = time_grid(num_steps, shift)
+  solve = SOLVERS[solver]
+  if solver == "heun":
+    solve = functools.partial(heun, final_correction=final_correction)
+  times = np.asarray(time_grid(num_steps, shift))  # a host constant of the compiled sampler
 
   def sample(params, noise, labels):
     if labels.shape != noise.shape[:1]:

@@ -23,7 +23,8 @@ def make_manager(directory: str, checkpoint_config, read_only: bool = False):
       create=not read_only,
       read_only=read_only,
       cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "data"),
+  handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(os.path.abspath(directory), item_handlers=handlers,
                                options=options)
 
 
@@ -33,8 +34,13 @@ def save(manager, step: int, state, data_state, force: bool = False) -> None:
                force=force)
 
 
+def _path_name(path) -> str:
+  """'a/b/0/c' for a tree path (orbax stores integer dict keys as strings)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
 def _flat_shapes(tree) -> dict:
-  return {jax.tree_util.keystr(path): (tuple(leaf.shape), np.dtype(leaf.dtype))
+  return {_path_name(path): (tuple(leaf.shape), np.dtype(leaf.dtype))
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 

@@ -38,4 +38,4 @@ def ema_update(ema, params, decay: float):
 
 
 def global_norm(tree) -> jnp.ndarray:
-  return optax.global_norm(tree)
+  return optax.tree.norm(tree)

@@ -135,6 +135,8 @@ class MetricsLog:
       with open(self.path + ".tmp", "w") as f:
         f.writelines(kept)
       os.replace(self.path + ".tmp", self.path)
+    import tensorflow as tf  # clu's TensorBoard writer; TF must not take the accelerators
+    tf.config.set_visible_devices([], "GPU")
     from clu import metric_writers
     self.writer = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"),
                                                        asynchronous=True)
@@ -199,7 +201,7 @@ def train(config, workdir: str, init_from: str | None = None, log=print):
   (setup, state) at the end of training."""
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
-  config_lib.check_or_write_workdir_config(config, workdir, write=is_main)
+  config_lib.check_or_write_workdir_config(config, workdir, write=False)
   mesh = sharding.make_mesh(config.mesh)
   setup = Setup(config, mesh)
   loader = pipeline.make_train_loader(config.data, config.batch_size, config.seed)
@@ -217,6 +219,7 @@ def train(config, workdir: str, init_from: str | None = None, log=print):
     log(f"initialised params and EMA from {init_from}")
   else:
     state = setup.init()
+  config_lib.check_or_write_workdir_config(config, workdir, write=is_main)
   start = int(jax.device_get(state["step"]))
   metrics_log = MetricsLog(workdir, start)
   progress = Progress(start, config.num_steps, config.batch_size)

@@ -1,0 +1,24 @@
+"""Shared fixtures: the digits dataset prepared once per session, and the tiny recipe."""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest
+
+from tesserax.data import pipeline
+from tesserax.training import config as config_lib
+
+
+@pytest.fixture(scope="session")
+def digits_data_dir(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  pipeline.build("digits", data_dir)
+  return data_dir
+
+
+@pytest.fixture
+def tiny_config(digits_data_dir):
+  """configs/digits_dit.py:tiny reading the session's digits copy."""
+  config = config_lib.load("digits_dit:tiny")
+  config.data.data_dir = digits_data_dir
+  return config
