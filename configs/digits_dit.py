@@ -48,4 +48,5 @@ def get_config(arg=None):
     config.sample.every_steps = 0
     config.eval.num_samples = 40
     config.eval.batch_size = 40
+    config.eval.nfe = (1, 2, 4)
   return config

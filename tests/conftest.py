@@ -22,3 +22,9 @@ def tiny_config(digits_data_dir):
   config = config_lib.load("digits_dit:tiny")
   config.data.data_dir = digits_data_dir
   return config
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+  """One cache (the digits feature network) for the whole session, outside $HOME."""
+  os.environ["TESSERAX_CACHE"] = str(tmp_path_factory.mktemp("cache"))

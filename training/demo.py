@@ -63,7 +63,8 @@ def evaluate(setup, params, workdir: str) -> dict:
     per_class = min(10, c.eval.num_samples // c.model.num_classes)
     order = np.concatenate([np.flatnonzero(labels == k)[:per_class]
                             for k in range(c.model.num_classes)])
-    save_grid(os.path.join(workdir, "samples_grid.png"), grid_images[order], nrow=per_class)
+    save_grid(os.path.join(workdir, "samples_grid.png"), grid_images[order], nrow=per_class,
+              upscale=max(1, 64 // c.data.resolution))
     _plot_sweep(results, os.path.join(workdir, "nfe_sweep.png"))
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump(results, f, indent=2)
@@ -107,6 +108,8 @@ def _plot_sweep(results, path):
     py = lambda v: height - margin - (height - 2 * margin) * (transform(max(v, 1e-3)) - lo) / (hi - lo)
     draw.rectangle([x0 + margin, margin, x0 + width - margin, height - margin], outline="black")
     draw.text((x0 + margin, 15), label + " vs NFE", fill="black")
+    for value in (min(values), max(values)):
+      draw.text((x0 + 4, py(value) - 6), f"{value:.3g}", fill="black")
     for n in nfes:
       draw.text((px(n) - 4, height - margin + 8), str(n), fill="black")
     floor_y = py(results["floor"][metric])

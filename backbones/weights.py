@@ -1,0 +1,356 @@
+"""Official weights of the frozen backbones: registry, fetch, readers, key maps and the cache.
+
+Nothing downloads implicitly (DESIGN.md). `fetch(name)` downloads a registered file from its
+official address and checks its sha256; `load(name)` finds the official file(s) in the cache
+directory ($TESSERAX_CACHE, else ~/.cache/tesserax), converts them once to `NAME.flax.npz`
+there, and returns the backbone with those parameters. A missing file raises one line naming
+the file, its address and the path to put it at.
+
+Official files are PyTorch pickles (`.pth`, read with torch, an optional extra, imported only
+then); the same tensors under the same key names are also read from `.safetensors` (a reader
+of the documented format is below, so the `safetensors` package is not needed) and `.npz`.
+Each key map consumes every key of the file exactly once: keys the backbone does not use
+are listed and dropped explicitly, and a missing, unexpected or misshapen key is refused
+with the key's name.
+"""
+import hashlib
+import json
+import os
+import pathlib
+import struct
+import urllib.error
+import urllib.request
+import zipfile
+from typing import Callable, NamedTuple, Optional
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax import traverse_util
+
+from tesserax.backbones.dinov2 import DinoV2
+from tesserax.backbones.inception import InceptionV3
+from tesserax.backbones.vgg_lpips import LPIPS, TORCH_CONV_INDICES
+from tesserax.errors import TesseraxError
+
+
+class WeightFile(NamedTuple):
+  filename: str
+  url: str
+  sha256: Optional[str]  # None where no checksum is published
+
+
+REGISTRY = {
+    # eval.md §1.1: pytorch-fid's FID_WEIGHTS_URL. The sha256 is the one given for the
+    # torch-fidelity copy, which shares the torch-hub prefix 6726825d and is said to be the
+    # same file.
+    "inception": (WeightFile(
+        "pt_inception-2015-12-05-6726825d.pth",
+        "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+        "pt_inception-2015-12-05-6726825d.pth",
+        "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"),),
+    # dinov2 hub/backbones.py: _DINOV2_BASE_URL/{model}/{model}_pretrain.pth; no checksum.
+    "dinov2_vitl14": (WeightFile(
+        "dinov2_vitl14_pretrain.pth",
+        "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth",
+        None),),
+    # eval.md §5.4: torchvision's VGG16 and the lpips v0.1 linear heads (lpips/weights/v0.1).
+    "lpips_vgg": (
+        WeightFile("vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth",
+                   "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0"),
+        WeightFile("vgg.pth", "https://github.com/richzhang/PerceptualSimilarity/raw/master/"
+                   "lpips/weights/v0.1/vgg.pth",
+                   "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868"),
+    ),
+}
+
+FACTORIES = {
+    "inception": lambda: InceptionV3(rngs=nnx.Rngs(0)),
+    "dinov2_vitl14": lambda: DinoV2(rngs=nnx.Rngs(0)),
+    "lpips_vgg": lambda: LPIPS(rngs=nnx.Rngs(0)),
+}
+
+
+def cache_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("TESSERAX_CACHE", pathlib.Path.home() / ".cache" / "tesserax"))
+
+
+def _entry(name):
+  if name not in REGISTRY:
+    raise TesseraxError(f"unknown weights {name!r}; known: {', '.join(REGISTRY)}")
+  return REGISTRY[name]
+
+
+def _place_message(name, files, directory):
+  places = "; ".join(
+      f"download {f.url} and put it at {pathlib.Path(directory) / f.filename}" for f in files)
+  return f"weights {name!r} not found: {places} (or run `tesserax weights fetch {name}`)"
+
+
+def _sha256(path):
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def fetch(name: str, dest_dir=None) -> list:
+  """Downloads the files of `name` from their official addresses into dest_dir (default: the
+  cache directory), checking each sha256 where one is published. Files already there with
+  the right checksum are kept. Returns the paths."""
+  files = _entry(name)
+  dest = pathlib.Path(dest_dir) if dest_dir is not None else cache_dir()
+  dest.mkdir(parents=True, exist_ok=True)
+  paths = []
+  for f in files:
+    path = dest / f.filename
+    if not (path.exists() and f.sha256 in (None, _sha256(path))):
+      tmp = path.with_name(f"{f.filename}.part{os.getpid()}")
+      try:
+        with urllib.request.urlopen(f.url, timeout=60) as response, open(tmp, "wb") as out:
+          for chunk in iter(lambda: response.read(1 << 20), b""):
+            out.write(chunk)
+      except (urllib.error.URLError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        raise TesseraxError(
+            f"{_place_message(name, [f], dest)}; the download failed: {e}") from None
+      got = _sha256(tmp)
+      if f.sha256 is not None and got != f.sha256:
+        tmp.unlink()
+        raise TesseraxError(f"{f.url}: sha256 {got} does not match the published {f.sha256}")
+      os.replace(tmp, path)
+    paths.append(path)
+  return paths
+
+
+def load(name: str, directory=None) -> nnx.Module:
+  """The backbone `name` with its official weights, from the cache directory (default
+  cache_dir()): its converted NAME.flax.npz, else the official files (or their .safetensors /
+  .npz copies under the same stem), converted once."""
+  files = _entry(name)
+  directory = pathlib.Path(directory) if directory is not None else cache_dir()
+  converted = directory / f"{name}.flax.npz"
+  if converted.exists():
+    with np.load(converted) as f:
+      params = dict(f)
+  else:
+    sources = [_find_source(directory, f.filename) for f in files]
+    missing = [f for f, path in zip(files, sources) if path is None]
+    if missing:
+      raise TesseraxError(_place_message(name, missing, directory))
+    params = CONVERTERS[name](*sources)
+    tmp = converted.with_name(f"{converted.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+      np.savez(f, **params)
+    os.replace(tmp, converted)  # atomic: concurrent processes never read a partial file
+  return with_params(FACTORIES[name], params, source=converted)
+
+
+def _find_source(directory, filename):
+  """The official file, or the same tensors saved as .safetensors / .npz under its stem (for
+  machines without torch); None if there is none."""
+  stem = pathlib.Path(filename).stem
+  for candidate in (filename, f"{stem}.safetensors", f"{stem}.npz"):
+    if (directory / candidate).exists():
+      return directory / candidate
+  return None
+
+
+def with_params(factory: Callable[[], nnx.Module], params: dict, source="params"):
+  """The module built by `factory` (shape-only, no initialisation) holding `params`, a flat
+  {"a.b.kernel": array} dict that must match the module's parameters exactly."""
+  graphdef, state = nnx.split(nnx.eval_shape(factory))
+  expected = _flat_shapes(state)
+  for key in sorted(set(expected) | set(params)):
+    if key not in params or key not in expected or tuple(params[key].shape) != expected[key]:
+      got = tuple(params[key].shape) if key in params else "missing"
+      raise TesseraxError(f"{source}: parameter {key!r} is {got}, expected "
+                          f"{expected.get(key, 'no such parameter')}")
+  pure = traverse_util.unflatten_dict(
+      {tuple(k.split(".")): jnp.asarray(v, jnp.float32) for k, v in params.items()})
+  nnx.replace_by_pure_dict(state, pure)
+  return nnx.merge(graphdef, state)
+
+
+def _flat_shapes(state):
+  return {".".join(map(str, path)): tuple(v.shape) for path, v in nnx.to_flat_state(state)}
+
+
+# ----------------------------------------------------------------------------------- readers
+
+
+class Tensors(NamedTuple):
+  """The tensors of one file: shapes known up front, data read on request."""
+  path: pathlib.Path
+  shapes: dict  # key -> shape tuple
+  read: Callable  # key -> float32 np.ndarray
+
+
+def read_tensors(path) -> Tensors:
+  """Reads a state dict from .pth (needs torch), .safetensors or .npz."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise TesseraxError(f"weight file {path} does not exist")
+  readers = {".pth": _read_pth, ".pt": _read_pth, ".safetensors": _read_safetensors,
+             ".npz": _read_npz}
+  if path.suffix not in readers:
+    raise TesseraxError(f"{path}: unsupported weight format {path.suffix!r}; use "
+                        ".pth, .safetensors or .npz")
+  return readers[path.suffix](path)
+
+
+def _read_pth(path):
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise TesseraxError(
+        f"reading {path} needs PyTorch: pip install 'tesserax[torch]', or convert the file to "
+        ".safetensors or .npz with the same keys") from None
+  state = torch.load(path, map_location="cpu", weights_only=True)
+  if not all(isinstance(v, torch.Tensor) for v in state.values()):
+    raise TesseraxError(f"{path} is not a flat state dict of tensors")
+  return Tensors(path, {k: tuple(v.shape) for k, v in state.items()},
+                 lambda k: state[k].detach().to(torch.float32).numpy())
+
+
+_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+
+
+def _read_safetensors(path):
+  """The safetensors layout: u64 little-endian header size N, N bytes of JSON
+  {key: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": ...}, then the
+  data, offsets counted from the end of the header."""
+  size = path.stat().st_size
+  with open(path, "rb") as f:
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > size - 8:
+      raise TesseraxError(f"{path}: not a safetensors file (header size {n})")
+    header = json.loads(f.read(n))
+  header.pop("__metadata__", None)
+  data = np.memmap(path, np.uint8, "r") if size > 8 + n else np.zeros(0, np.uint8)
+  shapes, spans = {}, {}
+  for key, info in header.items():
+    if info["dtype"] not in _SAFETENSORS_DTYPES:
+      raise TesseraxError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
+    dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+    begin, end = info["data_offsets"]
+    shape = tuple(info["shape"])
+    if end - begin != int(np.prod(shape)) * dtype.itemsize or 8 + n + end > size:
+      raise TesseraxError(f"{path}: tensor {key!r} has inconsistent data offsets")
+    shapes[key], spans[key] = shape, (8 + n + begin, 8 + n + end, dtype, info["dtype"])
+
+  def read(key):
+    begin, end, dtype, name = spans[key]
+    x = np.frombuffer(data[begin:end].tobytes(), dtype).reshape(shapes[key])
+    if name == "BF16":  # the top 16 bits of a float32
+      return (x.astype(np.uint32) << 16).view(np.float32)
+    return x.astype(np.float32)
+
+  return Tensors(path, shapes, read)
+
+
+def _read_npz(path):
+  shapes = {}
+  with zipfile.ZipFile(path) as z:
+    for member in z.namelist():
+      with z.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+          raise TesseraxError(f"{path}: {member} has unsupported .npy version {version}")
+        shapes[member.removesuffix(".npy")] = tuple(read_header(f)[0])
+  npz = np.load(path)
+  return Tensors(path, shapes, lambda k: np.asarray(npz[k], np.float32))
+
+
+# ------------------------------------------------------------------------------- key maps
+
+
+def convert(tensors: Tensors, rules: dict, dropped: dict = None, optional: dict = None) -> dict:
+  """Flax params {flax_key: array} from a file's tensors.
+
+  rules: {source_key: (flax_key, flax_shape, perm)}, the Flax array being
+  source.transpose(perm) (perm None: as is); dropped: {source_key: shape}, keys the file must
+  have that the backbone does not use; optional: the same for keys the file may have. Every
+  key and shape is checked before any data is read.
+  """
+  dropped, optional = dropped or {}, optional or {}
+  name = tensors.path.name
+  for key in tensors.shapes:
+    if key not in rules and key not in dropped and key not in optional:
+      raise TesseraxError(f"{name}: unexpected key {key!r}")
+  for key in list(rules) + list(dropped):
+    if key not in tensors.shapes:
+      raise TesseraxError(f"{name}: missing key {key!r}")
+  for key, shape in tensors.shapes.items():
+    if key in rules:
+      _, flax_shape, perm = rules[key]
+      want = flax_shape if perm is None else [flax_shape[perm.index(i)] for i in range(len(perm))]
+    else:
+      want = dropped.get(key, optional.get(key))
+    if shape != tuple(want):
+      raise TesseraxError(f"{name}: key {key!r} has shape {shape}, expected {tuple(want)}")
+  params = {}
+  for key, (flax_key, _, perm) in rules.items():
+    x = tensors.read(key)
+    params[flax_key] = np.ascontiguousarray(x if perm is None else x.transpose(perm))
+  return params
+
+
+def _torch_rule(flax_key, shape):
+  """The PyTorch key of a Flax parameter whose module path mirrors the state dict, and the
+  permutation taking the torch array to the Flax one (Linear [out, in] -> [in, out], Conv
+  OIHW -> HWIO)."""
+  *path, leaf = flax_key.split(".")
+  leaf, perm = {"kernel": ("weight", {2: (1, 0), 4: (2, 3, 1, 0)}.get(len(shape))),
+                "scale": ("weight", None), "mean": ("running_mean", None),
+                "var": ("running_var", None)}.get(leaf, (leaf, None))
+  return ".".join(path + [leaf]), (flax_key, shape, perm)
+
+
+def _expected(factory):
+  return _flat_shapes(nnx.state(nnx.eval_shape(factory)))
+
+
+def inception_params(path) -> dict:
+  """pt_inception-2015-12-05-6726825d.pth -> InceptionV3 params. `fc.bias` is dropped (the
+  ADM Inception Score uses pool3 @ W without it, eval.md §2.1); BatchNorm
+  `num_batches_tracked` counters are dropped if present (eval.md §1.2)."""
+  rules = dict(_torch_rule(k, s) for k, s in _expected(FACTORIES["inception"]).items())
+  optional = {k.replace(".running_mean", ".num_batches_tracked"): ()
+              for k in rules if k.endswith(".running_mean")}
+  return convert(read_tensors(path), rules, dropped={"fc.bias": (1008,)}, optional=optional)
+
+
+def dinov2_params(path, **config) -> dict:
+  """dinov2_vitl14_pretrain.pth -> DinoV2 params (config: DinoV2's keyword arguments, ViT-L/14
+  by default). `mask_token`, used only by masked-image training, is dropped."""
+  expected = _expected(lambda: DinoV2(rngs=nnx.Rngs(0), **config))
+  rules = dict(_torch_rule(k, s) for k, s in expected.items())
+  return convert(read_tensors(path), rules,
+                 dropped={"mask_token": (1, expected["cls_token"][-1])})
+
+
+def lpips_vgg_params(vgg16_path, lin_path) -> dict:
+  """torchvision vgg16-397923af.pth + lpips v0.1 vgg.pth -> LPIPS params. LPIPS uses only
+  VGG16's `features`; its classifier is dropped."""
+  expected = _expected(FACTORIES["lpips_vgg"])
+  vgg, lins = {}, {}
+  for key, shape in expected.items():
+    group, index, leaf = key.split(".")
+    if group == "convs":
+      torch_key = f"features.{TORCH_CONV_INDICES[int(index)]}.{leaf.replace('kernel', 'weight')}"
+      vgg[torch_key] = (key, shape, (2, 3, 1, 0) if leaf == "kernel" else None)
+    else:
+      lins[f"lin{index}.model.1.weight"] = (key, shape, (2, 3, 1, 0))
+  classifier = {"classifier.0.weight": (4096, 25088), "classifier.0.bias": (4096,),
+                "classifier.3.weight": (4096, 4096), "classifier.3.bias": (4096,),
+                "classifier.6.weight": (1000, 4096), "classifier.6.bias": (1000,)}
+  return {**convert(read_tensors(vgg16_path), vgg, dropped=classifier),
+          **convert(read_tensors(lin_path), lins)}
+
+
+CONVERTERS = {"inception": inception_params, "dinov2_vitl14": dinov2_params,
+              "lpips_vgg": lpips_vgg_params}

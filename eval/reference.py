@@ -1,0 +1,99 @@
+"""Reference batches in the ADM evaluator's `.npz` format (reference/eval.md §2.1).
+
+Keys: `arr_0` uint8 [N, H, W, 3] images (only precision/recall uses them; ADM ships 10,000),
+`mu` [2048] / `sigma` [2048, 2048] the pool_3 statistics that define FID, `mu_s` [2023] /
+`sigma_s` [2023, 2023] the sFID statistics. tesserax adds `mu_dinov2` [1024] /
+`sigma_dinov2` [1024, 1024] for FD-DINOv2; ADM's own files do not have them. Statistics are
+the float64 mean and the unbiased (N - 1) covariance, as np.cov.
+"""
+import os
+import pathlib
+import zipfile
+
+import numpy as np
+
+from tesserax.backbones import weights
+from tesserax.backbones.inception import POOL_DIM, SPATIAL_DIM
+from tesserax.errors import TesseraxError
+from tesserax.eval import metrics as metrics_lib
+
+DINOV2_DIM = 1024
+STAT_SHAPES = {
+    "mu": (POOL_DIM,), "sigma": (POOL_DIM, POOL_DIM),
+    "mu_s": (SPATIAL_DIM,), "sigma_s": (SPATIAL_DIM, SPATIAL_DIM),
+    "mu_dinov2": (DINOV2_DIM,), "sigma_dinov2": (DINOV2_DIM, DINOV2_DIM),
+}
+
+
+def _check(name, key, value):
+  if key == "arr_0":
+    if value.dtype != np.uint8 or value.ndim != 4 or value.shape[-1] != 3:
+      raise TesseraxError(
+          f"{name}: arr_0 must be uint8 images [N, H, W, 3], got {value.dtype} {value.shape}")
+    return
+  if value.shape != STAT_SHAPES[key]:
+    raise TesseraxError(f"{name}: {key} has shape {value.shape}, expected {STAT_SHAPES[key]}")
+  if not np.all(np.isfinite(value)):
+    raise TesseraxError(f"{name}: {key} contains NaN or Inf")
+
+
+def load(path, metrics=("fid", "sfid", "is", "pr")) -> dict:
+  """The reference arrays that `metrics` need, checked: {key: array}, statistics float64."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise TesseraxError(f"reference file {path} does not exist")
+  metrics = metrics_lib.check_metrics(metrics, metrics_lib.GENERATION_METRICS)
+  try:
+    npz = np.load(path)
+  except (OSError, ValueError, zipfile.BadZipFile) as e:
+    raise TesseraxError(f"{path} is not an .npz file: {e}") from None
+  ref = {}
+  with npz:
+    for metric in metrics:
+      for key in metrics_lib.REFERENCE_KEYS[metric]:
+        if key not in npz.files:
+          raise TesseraxError(f"{path}: metric {metric!r} needs key {key!r}, which the file "
+                              f"lacks (it has {', '.join(npz.files)})")
+        value = npz[key]
+        ref[key] = value if key == "arr_0" else value.astype(np.float64)
+        _check(path, key, ref[key])
+  return ref
+
+
+def save(path, ref: dict):
+  """Writes {key: array} (any of arr_0 and the statistics) as an ADM-style .npz, atomically."""
+  unknown = set(ref) - set(STAT_SHAPES) - {"arr_0"}
+  if unknown:
+    raise TesseraxError(f"unknown reference keys {sorted(unknown)}")
+  for key, value in ref.items():
+    _check(path, key, np.asarray(value))
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+  with open(tmp, "wb") as f:
+    np.savez(f, **ref)
+  os.replace(tmp, path)
+
+
+def compute(images, *, inception=None, dinov2=None, keep_images=10000, mode="adm",
+            num_images=None, batch_size=100, mesh=None) -> dict:
+  """Reference statistics of images: an array [N, H, W, 3] (uint8 or float [-1, 1]) or an
+  iterable of batches, e.g. a tfds split, an image folder, or latents decoded by a
+  tokenizer (this process's share).
+
+  Returns {"mu", "sigma", "mu_s", "sigma_s"} from `inception` (default: weights.load),
+  {"mu_dinov2", "sigma_dinov2"} if `dinov2` is given, and "arr_0": the first keep_images
+  images (this process's). num_images: use exactly this many over all processes.
+  """
+  if inception is None:
+    inception = weights.load("inception")
+  acc = metrics_lib.accumulate(images, inception=inception, dinov2=dinov2, mode=mode,
+                               num_samples=num_images, batch_size=batch_size, mesh=mesh,
+                               keep_images=keep_images, name="reference images")
+  ref = {"mu": acc["pool"].mean, "sigma": acc["pool"].cov,
+         "mu_s": acc["spatial"].mean, "sigma_s": acc["spatial"].cov}
+  if dinov2 is not None:
+    ref["mu_dinov2"], ref["sigma_dinov2"] = acc["dinov2"].mean, acc["dinov2"].cov
+  if keep_images:
+    ref["arr_0"] = acc["images"]
+  return ref
