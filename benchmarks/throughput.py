@@ -74,13 +74,12 @@ def run(args):
   config.batch_size = args.batch
   mesh = sharding.make_mesh(config.mesh)
   setup = trainer.Setup(config, mesh)
-  state = setup.init()
   rng = np.random.default_rng(0)
   res, ch = config.data.resolution, config.model.in_channels
   batch = sharding.global_batch({
       "image": rng.standard_normal((args.batch, res, res, ch)).astype(np.float32),
       "label": rng.integers(0, config.model.num_classes, args.batch).astype(np.int32)}, mesh)
-  holder = {"state": state}
+  holder = {"state": setup.init()}
 
   def step():
     holder["state"], metrics = setup.train_step(holder["state"], batch)
@@ -109,7 +108,8 @@ def run(args):
   for nfe in args.nfe:
     sampler = make_sampler(setup.apply_velocity, solver="euler", num_steps=nfe,
                            null_label=config.model.num_classes, mesh=mesh)
-    seconds = timed(lambda: sampler(state["ema"], noise, labels), max(1, args.repeats // 2))
+    ema = holder["state"]["ema"]
+    seconds = timed(lambda: sampler(ema, noise, labels), max(1, args.repeats // 2))
     result["sampling"].append({
         "nfe": nfe, "images_per_s": args.batch / seconds, "seconds_per_batch": seconds,
         "tflops_per_device": nfe * forward * args.batch / seconds / 1e12 / devices})
