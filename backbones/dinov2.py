@@ -13,7 +13,8 @@ align_corners=False, border-clamped taps) at scale_factor (16 + 0.1) / 37, the "
 dino#8. That resampling is part of every official forward at 224, so it is reproduced here.
 
 `preprocess` follows dgm-eval, the FD-DINOv2 paper's code (eval.md §4.1): PIL
-`Resize((224, 224), BICUBIC)` on the uint8 image, ToTensor, ImageNet mean/std.
+`Resize((224, 224), BICUBIC)` on the uint8 image, ToTensor, ImageNet mean/std. (EDM2's
+default, torch bicubic with antialias on floats, skips PIL's uint8 rounding between passes.)
 """
 import functools
 
@@ -155,22 +156,38 @@ def bicubic_matrix(in_size, out_size, scale_factor):
   return m
 
 
-def _round_uint8(x):
+def pil_bicubic_matrix(in_size, out_size):
+  """[out, in] float64 weights of PIL's BICUBIC resize along one axis (Resample.c,
+  precompute_coeffs): Keys kernel with a = -0.5, widened by in/out when downsampling, centred
+  at (i + 0.5) * in / out, normalised over the taps inside the image."""
+  scale = in_size / out_size
+  stretch = max(scale, 1.0)
+  centre = (np.arange(out_size) + 0.5) * scale
+  x = np.abs(np.arange(in_size)[None, :] + 0.5 - centre[:, None]) / stretch
+  w = np.where(x < 1, (1.5 * x - 2.5) * x * x + 1,
+               np.where(x < 2, ((-0.5 * x + 2.5) * x - 4) * x + 2, 0.0))
+  return w / w.sum(axis=1, keepdims=True)
+
+
+def _resize_axis_uint8(x, axis, size):
+  """One PIL resampling pass: the weighted sum, rounded half up and clipped to uint8."""
+  m = jnp.asarray(pil_bicubic_matrix(x.shape[axis], size), jnp.float32)
+  x = jnp.moveaxis(jnp.tensordot(m, x, axes=((1,), (axis,)), precision=HIGHEST), 0, axis)
   return jnp.clip(jnp.floor(x + 0.5), 0, 255)
 
 
 def preprocess(images):
-  """uint8 NHWC -> float32 [N, 224, 224, 3]: PIL bicubic resize (Keys A = -0.5, support
-  widened when downsampling, width pass then height pass, each rounded to uint8), then
-  x / 255 normalised with the ImageNet mean and std."""
+  """uint8 NHWC -> float32 [N, 224, 224, 3]: PIL's bicubic resize (a width pass then a
+  height pass, each rounded to uint8, as Resample.c resamples 8-bit images), then x / 255
+  normalised with the ImageNet mean and std. Recent Pillow runs the height pass first for
+  some strongly non-square downscales; square images, the case of generated samples, are
+  unaffected."""
   if images.dtype != jnp.uint8 or images.ndim != 4 or images.shape[-1] != 3:
     raise TesseraxError(
         f"DINOv2 input must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
   x = images.astype(jnp.float32)
-  n, h, w, c = x.shape
-  if w != RESOLUTION:
-    x = _round_uint8(jax.image.resize(x, (n, h, RESOLUTION, c), "bicubic", antialias=True))
-  if h != RESOLUTION:
-    x = _round_uint8(
-        jax.image.resize(x, (n, RESOLUTION, RESOLUTION, c), "bicubic", antialias=True))
+  if x.shape[2] != RESOLUTION:
+    x = _resize_axis_uint8(x, 2, RESOLUTION)
+  if x.shape[1] != RESOLUTION:
+    x = _resize_axis_uint8(x, 1, RESOLUTION)
   return (x / 255.0 - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)

@@ -13,6 +13,7 @@ Each key map consumes every key of the file exactly once: keys the backbone does
 are listed and dropped explicitly, and a missing, unexpected or misshapen key is refused
 with the key's name.
 """
+import functools
 import hashlib
 import json
 import os
@@ -84,7 +85,7 @@ def _entry(name):
 def _place_message(name, files, directory):
   places = "; ".join(
       f"download {f.url} and put it at {pathlib.Path(directory) / f.filename}" for f in files)
-  return f"weights {name!r} not found: {places} (or run `tesserax weights fetch {name}`)"
+  return f"weights {name!r} not found: {places}"
 
 
 def _sha256(path):
@@ -114,7 +115,7 @@ def fetch(name: str, dest_dir=None) -> list:
       except (urllib.error.URLError, OSError) as e:
         tmp.unlink(missing_ok=True)
         raise TesseraxError(
-            f"{_place_message(name, [f], dest)}; the download failed: {e}") from None
+            f"{_place_message(name, [f], dest)} (the download failed: {e})") from None
       got = _sha256(tmp)
       if f.sha256 is not None and got != f.sha256:
         tmp.unlink()
@@ -138,13 +139,15 @@ def load(name: str, directory=None) -> nnx.Module:
     sources = [_find_source(directory, f.filename) for f in files]
     missing = [f for f, path in zip(files, sources) if path is None]
     if missing:
-      raise TesseraxError(_place_message(name, missing, directory))
+      raise TesseraxError(f"{_place_message(name, missing, directory)} (or run "
+                          f"`tesserax weights fetch {name}`)")
     params = CONVERTERS[name](*sources)
     tmp = converted.with_name(f"{converted.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
       np.savez(f, **params)
     os.replace(tmp, converted)  # atomic: concurrent processes never read a partial file
-  return with_params(FACTORIES[name], params, source=converted)
+  return with_params(FACTORIES[name], params,
+                     source=f"{converted} (stale: delete it to convert the official files again)")
 
 
 def _find_source(directory, filename):
@@ -214,7 +217,8 @@ def _read_pth(path):
                  lambda k: state[k].detach().to(torch.float32).numpy())
 
 
-_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8",
+                       "I32": "<i4"}
 
 
 def _read_safetensors(path):
@@ -310,7 +314,9 @@ def _torch_rule(flax_key, shape):
   return ".".join(path + [leaf]), (flax_key, shape, perm)
 
 
+@functools.cache
 def _expected(factory):
+  """{flax_key: shape} of the module `factory` builds."""
   return _flat_shapes(nnx.state(nnx.eval_shape(factory)))
 
 

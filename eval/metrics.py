@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.special
-from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -128,23 +127,50 @@ def check_metrics(metrics, known):
 # ------------------------------------------------------------------------- batched features
 
 
-def batched(fn, params, *, batch_size, mesh=None):
-  """fn(params, *arrays) -> {name: [B, ...]}, jitted over fixed batches of `batch_size` rows.
+def _constrain(out, sharding):
+  return out if sharding is None else jax.lax.with_sharding_constraint(out, sharding)
 
-  The result takes host arrays of up to batch_size rows (this process's share) and returns
-  host arrays of the same number of rows; the padding of a short batch is dropped. With a
-  mesh, the batch is sharded over all of its axes and params are replicated.
+
+@functools.partial(jax.jit, static_argnames=("mode", "sharding"))
+def inception_outputs(model, images, mode="adm", sharding=None):
+  """uint8 [B, H, W, 3] -> {"pool", "spatial", "logits"}."""
+  return _constrain(model(inception_lib.preprocess(images, mode)), sharding)
+
+
+@functools.partial(jax.jit, static_argnames=("sharding",))
+def dinov2_outputs(model, images, sharding=None):
+  """uint8 [B, H, W, 3] -> {"dinov2": CLS embeddings}."""
+  return _constrain({"dinov2": model(dinov2_lib.preprocess(images))}, sharding)
+
+
+@functools.partial(jax.jit, static_argnames=("sharding",))
+def lpips_outputs(model, a, b, sharding=None):
+  """float [-1, 1] pairs -> {"lpips": per-image distances}."""
+  return _constrain({"lpips": model(a, b)}, sharding)
+
+
+@functools.partial(jax.jit, static_argnames=("sharding",))
+def ssim_outputs(_, a, b, sharding=None):
+  """uint8 pairs -> {"ssim": per-image SSIM}."""
+  return _constrain({"ssim": ssim(a, b)}, sharding)
+
+
+def batched(fn, model, *, batch_size, mesh=None, **static):
+  """run(*arrays) = fn(model, *arrays, sharding=..., **static) over fixed batches.
+
+  run takes host arrays of up to batch_size rows (this process's share) and returns a dict
+  of host arrays of the same number of rows; a short batch is padded and the padding
+  dropped, so one compiled function serves every batch. With a mesh, the batch is sharded
+  over all of its axes and the model replicated.
   """
-  if mesh is None:
-    jitted, sharding = jax.jit(fn), None
-  else:
+  sharding = None
+  if mesh is not None:
     local = len(mesh.local_devices)
     if batch_size % local:
       raise TesseraxError(
           f"batch_size {batch_size} must be a multiple of the {local} local mesh devices")
     sharding = NamedSharding(mesh, P(mesh.axis_names))
-    params = jax.device_put(params, NamedSharding(mesh, P()))
-    jitted = jax.jit(fn, out_shardings=sharding)
+    model = jax.device_put(model, NamedSharding(mesh, P()))
 
   def run(*arrays):
     n = len(arrays[0])
@@ -152,27 +178,10 @@ def batched(fn, params, *, batch_size, mesh=None):
               for x in arrays]
     if sharding is not None:
       padded = [jax.make_array_from_process_local_data(sharding, x) for x in padded]
-    return {k: _local_rows(v)[:n] for k, v in jitted(params, *padded).items()}
+    out = fn(model, *padded, sharding=sharding, **static)
+    return {k: _local_rows(v)[:n] for k, v in out.items()}
 
   return run
-
-
-def _module_fn(model, call):
-  """(fn(state, *xs) = call(model, *xs), state): a module as a pure function of its state."""
-  graphdef, state = nnx.split(model)
-  return (lambda state, *xs: call(nnx.merge(graphdef, state), *xs)), state
-
-
-def inception_runner(inception, *, mode="adm", batch_size=100, mesh=None):
-  """uint8 batch -> {"pool", "spatial", "logits"} host arrays."""
-  return batched(*_module_fn(inception, lambda m, x: m(inception_lib.preprocess(x, mode))),
-                 batch_size=batch_size, mesh=mesh)
-
-
-def dinov2_runner(dinov2, *, batch_size=100, mesh=None):
-  """uint8 batch -> {"dinov2": CLS embeddings} host arrays."""
-  return batched(*_module_fn(dinov2, lambda m, x: {"dinov2": m(dinov2_lib.preprocess(x))}),
-                 batch_size=batch_size, mesh=mesh)
 
 
 def _local_rows(x):
@@ -187,6 +196,9 @@ def _chunks(images, batch_size, num_samples, name):
   """Batches of at most batch_size rows from an array or an iterable of arrays, stopping
   after num_samples rows (None: all); fewer than num_samples rows is an error."""
   if isinstance(images, (np.ndarray, jax.Array)):
+    if num_samples is not None and len(images) < num_samples:
+      raise TesseraxError(
+          f"{name}: got {len(images)} images, fewer than the {num_samples} asked for")
     images = [images]
   seen = 0
   for batch in images:
@@ -223,9 +235,10 @@ def accumulate(images, *, inception=None, dinov2=None, mode="adm", num_samples=N
   """
   runners = []
   if inception is not None:
-    runners.append(inception_runner(inception, mode=mode, batch_size=batch_size, mesh=mesh))
+    runners.append(batched(inception_outputs, inception, batch_size=batch_size, mesh=mesh,
+                           mode=mode))
   if dinov2 is not None:
-    runners.append(dinov2_runner(dinov2, batch_size=batch_size, mesh=mesh))
+    runners.append(batched(dinov2_outputs, dinov2, batch_size=batch_size, mesh=mesh))
   stats = {k: FeatureStats() for k in ("pool", "spatial", "dinov2")}
   rows, kept, count = {"pool": [], "logits": []}, [], 0
   for chunk in _chunks(images, batch_size, _process_share(num_samples), name):
@@ -246,8 +259,8 @@ def accumulate(images, *, inception=None, dinov2=None, mode="adm", num_samples=N
     if used is not None:
       out[key] = all_processes(stats[key])
   if keep_rows:
-    for key in rows:
-      local = np.concatenate(rows[key]) if rows[key] else np.zeros((0, 1), np.float32)
+    for key, dim in (("pool", inception_lib.POOL_DIM), ("logits", inception_lib.NUM_CLASSES)):
+      local = np.concatenate(rows[key]) if rows[key] else np.zeros((0, dim), np.float32)
       out["pool_rows" if key == "pool" else key] = _gather(local)
   if keep_images:
     out["images"] = np.stack(kept) if kept else np.zeros((0, 1, 1, 3), np.uint8)
@@ -255,14 +268,17 @@ def accumulate(images, *, inception=None, dinov2=None, mode="adm", num_samples=N
 
 
 def _gather(x):
-  """Concatenation over processes (in process order) of each process's rows."""
+  """Concatenation over processes (in process order) of each process's rows [n, ...],
+  bit-exact: rows travel as bytes, process_allgather's device arrays being 32-bit."""
   if jax.process_count() == 1:
     return x
+  x = np.ascontiguousarray(x)
   counts = np.asarray(multihost_utils.process_allgather(np.array([len(x)], np.int32))).ravel()
-  padded = np.zeros((counts.max(),) + x.shape[1:], x.dtype)
-  padded[:len(x)] = x
-  gathered = np.asarray(multihost_utils.process_allgather(padded))
-  return np.concatenate([g[:c] for g, c in zip(gathered, counts)])
+  rows = np.zeros((counts.max(), x[:1].nbytes), np.uint8)
+  rows[:len(x)] = x.view(np.uint8).reshape(len(x), -1)
+  gathered = np.asarray(multihost_utils.process_allgather(rows))
+  return np.concatenate([g[:c] for g, c in zip(gathered, counts)]).view(x.dtype).reshape(
+      -1, *x.shape[1:])
 
 
 # -------------------------------------------------------------------------- metric formulas
@@ -347,7 +363,8 @@ def ssim(a, b):
   """
   n, h, w, c = a.shape
   if min(h, w) < SSIM_WINDOW:
-    raise TesseraxError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {h}x{w}")
+    raise TesseraxError(
+        f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {h}x{w}")
   x, y = a.astype(jnp.float32) / 255.0, b.astype(jnp.float32) / 255.0
   cx, cy = x.mean(axis=(1, 2), keepdims=True), y.mean(axis=(1, 2), keepdims=True)
   x, y = x - cx, y - cy
@@ -362,7 +379,8 @@ def ssim(a, b):
   var_x, var_y, cov = xx - mx * mx, yy - my * my, xy - mx * my
   mx, my = mx + cx, my + cy
   c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2
-  value = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (var_x + var_y + c2))
+  value = ((2 * mx * my + c1) * (2 * cov + c2)) / (
+      (mx * mx + my * my + c1) * (var_x + var_y + c2))
   return value.mean(axis=(1, 2, 3))
 
 
@@ -391,14 +409,14 @@ def generation_metrics(samples, ref, metrics=("fid", "sfid", "is", "pr"), *, inc
     for key in REFERENCE_KEYS[metric]:
       if key not in ref:
         raise TesseraxError(f"metric {metric!r} needs {key!r} in the reference")
-  if set(metrics) - {"fd_dinov2"} and inception is None:
-    inception = weights.load("inception")
-  if "fd_dinov2" in metrics and dinov2 is None:
-    dinov2 = weights.load("dinov2_vitl14")
   if not set(metrics) - {"fd_dinov2"}:
     inception = None
+  elif inception is None:
+    inception = weights.load("inception")
   if "fd_dinov2" not in metrics:
     dinov2 = None
+  elif dinov2 is None:
+    dinov2 = weights.load("dinov2_vitl14")
   kwargs = dict(mode=mode, batch_size=batch_size, mesh=mesh)
   acc = accumulate(samples, inception=inception, dinov2=dinov2, num_samples=num_samples,
                    keep_rows=bool({"is", "pr"} & set(metrics)), **kwargs)
@@ -449,13 +467,18 @@ def reconstruction_metrics(originals, reconstructions, metrics=RECONSTRUCTION_ME
   kwargs = dict(batch_size=batch_size, mesh=mesh)
   if "rfid" in metrics:
     inception = inception if inception is not None else weights.load("inception")
-    run_inception = inception_runner(inception, mode=mode, **kwargs)
+    run_inception = batched(inception_outputs, inception, mode=mode, **kwargs)
   if "lpips" in metrics:
     lpips = lpips if lpips is not None else weights.load("lpips_vgg")
-    run_lpips = batched(*_module_fn(lpips, lambda m, a, b: {"lpips": m(a, b)}), **kwargs)
-  run_ssim = batched(lambda _, a, b: {"ssim": ssim(a, b)}, (), **kwargs)
-  stats = {k: FeatureStats() for k in ("real", "fake", "psnr", "ssim", "lpips")}
+    run_lpips = batched(lpips_outputs, lpips, **kwargs)
+  run_ssim = batched(ssim_outputs, None, **kwargs)
+  stats = {"real": FeatureStats(), "fake": FeatureStats()}
+  values = {"psnr": [], "ssim": [], "lpips": []}  # per image, float64
   limit, seen = _process_share(num_samples), 0
+  if isinstance(originals, (np.ndarray, jax.Array)) and limit is not None and len(
+      originals) < limit:
+    raise TesseraxError(
+        f"reconstructions: got {len(originals)} image pairs, fewer than the {limit} asked for")
   for a, b in _pairs(originals, reconstructions, batch_size):
     if limit is not None:
       a, b = a[:limit - seen], b[:limit - seen]
@@ -464,12 +487,12 @@ def reconstruction_metrics(originals, reconstructions, metrics=RECONSTRUCTION_ME
     seen += len(a)
     ua, ub = as_uint8(a, "originals"), as_uint8(b, "reconstructions")
     if "psnr" in metrics:
-      stats["psnr"].update(psnr(ua, ub)[:, None])
+      values["psnr"].append(psnr(ua, ub))
     if "ssim" in metrics:
-      stats["ssim"].update(run_ssim(ua, ub)["ssim"][:, None])
+      values["ssim"].append(run_ssim(ua, ub)["ssim"].astype(np.float64))
     if "lpips" in metrics:
       fa, fb = as_float(a, "originals"), as_float(b, "reconstructions")
-      stats["lpips"].update(run_lpips(fa, fb)["lpips"][:, None])
+      values["lpips"].append(run_lpips(fa, fb)["lpips"].astype(np.float64))
     if "rfid" in metrics:
       stats["real"].update(run_inception(ua)["pool"])
       stats["fake"].update(run_inception(ub)["pool"])
@@ -484,5 +507,5 @@ def reconstruction_metrics(originals, reconstructions, metrics=RECONSTRUCTION_ME
       real, fake = all_processes(stats["real"]), all_processes(stats["fake"])
       out["rfid"] = frechet_distance(real.mean, real.cov, fake.mean, fake.cov)
     else:
-      out[key] = float(all_processes(stats[key]).mean[0])
+      out[key] = float(np.mean(_gather(np.concatenate(values[key]))))
   return out

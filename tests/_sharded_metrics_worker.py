@@ -1,0 +1,36 @@
+"""Inception statistics on 8 fake CPU devices, batch-sharded over a mesh.
+
+Run by tests/test_metrics.py as `python _sharded_metrics_worker.py CACHE_DIR OUT.npz` with
+XLA_FLAGS=--xla_force_host_platform_device_count=8. Loads the test's random-weight Inception
+from CACHE_DIR, runs `worker_images()` through eval.metrics.accumulate with batches of 8
+(1 per device) and writes the pool and spatial means and covariances to OUT.npz.
+"""
+import os
+import sys
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+
+
+def worker_images():
+  """10 uint8 32x32 RGB images: 8 fill one sharded batch, the last 2 a padded one."""
+  return np.random.RandomState(7).randint(0, 256, (10, 32, 32, 3)).astype(np.uint8)
+
+
+def main(cache_dir, out):
+  from tesserax.backbones import weights
+  from tesserax.eval import metrics
+
+  assert jax.device_count() == 8
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  acc = metrics.accumulate(worker_images(), inception=weights.load("inception", cache_dir),
+                           batch_size=8, mesh=mesh)
+  np.savez(out, pool_mean=acc["pool"].mean, pool_cov=acc["pool"].cov,
+           spatial_mean=acc["spatial"].mean, spatial_cov=acc["spatial"].cov)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1], sys.argv[2])
