@@ -3,8 +3,12 @@
   tesserax demo   [--workdir DIR] [--config.KEY=VALUE ...]
   tesserax train  --config NAME_OR_PATH[:ARG] --workdir DIR [--init_from DIR] [--config.KEY=VALUE ...]
   tesserax sample --workdir DIR --num N --sampler euler|heun --steps K [--cfg S] --out FILE.npz
-  tesserax eval   --samples FILE.npz [--metrics fid_digits,accuracy]
+  tesserax eval   --samples FILE.npz|DIR [--ref REF.npz] --metrics fid,sfid,is,pr,fd_dinov2
+  tesserax eval   --samples FILE.npz --metrics fid_digits,accuracy
+  tesserax eval-recon --originals FILE|DIR --reconstructions FILE|DIR [--metrics rfid,psnr,ssim,lpips]
   tesserax data build NAME [--manual_dir DIR] [--data_dir DIR] [--resolution R]
+  tesserax data reference NAME --split S --resolution R --out REF.npz
+  tesserax weights fetch NAME
 
 Bad input ends with one line, `error: ...`, and exit status 2.
 """
@@ -85,12 +89,37 @@ def _parser():
   sample.add_argument("--out", required=True)
   _add_distributed_flags(sample)
 
-  evaluate = sub.add_parser("eval", help="score a samples .npz",
-                            description="FID-digits (against the digits test split) and the "
-                                        "class accuracy of conditional digits samples.")
-  evaluate.add_argument("--samples", required=True)
-  evaluate.add_argument("--metrics", default="fid_digits,accuracy")
+  evaluate = sub.add_parser(
+      "eval", help="score samples against a reference batch",
+      description="Inception FID, sFID, Inception Score, precision/recall (k=3) and FD-DINOv2 "
+                  "against an ADM-format reference .npz (ADM-evaluator preprocessing), or for "
+                  "digits samples FID-digits and class accuracy against the digits test split.")
+  evaluate.add_argument("--samples", required=True, help="an ADM .npz (arr_0) or an image folder")
+  evaluate.add_argument("--ref", default=None, help="reference .npz (arr_0, mu, sigma, mu_s, "
+                        "sigma_s; mu_dinov2, sigma_dinov2 for fd_dinov2)")
+  evaluate.add_argument("--metrics", default="fid,sfid,is,pr",
+                        help="comma-separated: fid,sfid,is,pr,fd_dinov2 or fid_digits,accuracy")
+  evaluate.add_argument("--num", type=int, default=None, help="use exactly this many samples")
+  evaluate.add_argument("--preprocess", default="adm", choices=("adm", "pytorch_fid"),
+                        help="Inception resize: ADM evaluator (TF1 bilinear) or pytorch-fid")
   evaluate.add_argument("--out", default=None, help="also write the results as JSON here")
+
+  recon = sub.add_parser("eval-recon", help="score reconstructions against their originals",
+                         description="rFID, PSNR (uint8), SSIM (Gaussian window, sigma 1.5) "
+                                     "and LPIPS (VGG) of paired image sets, in the same order.")
+  recon.add_argument("--originals", required=True, help="an .npz (arr_0) or an image folder")
+  recon.add_argument("--reconstructions", required=True)
+  recon.add_argument("--metrics", default="rfid,psnr,ssim,lpips")
+  recon.add_argument("--out", default=None, help="also write the results as JSON here")
+
+  weights_cmd = sub.add_parser("weights", help="pretrained weights of the evaluation networks")
+  weights_sub = weights_cmd.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
+  fetch = weights_sub.add_parser(
+      "fetch", help="download official weights and check their sha256",
+      description="NAME is inception, dinov2_vitl14 or lpips_vgg. Offline, the error says which "
+                  "file to place in which directory.")
+  fetch.add_argument("name", choices=("inception", "dinov2_vitl14", "lpips_vgg"))
+  fetch.add_argument("--dest", default=None, help="default $TESSERAX_CACHE or ~/.cache/tesserax")
 
   data = sub.add_parser("data", help="prepare datasets")
   data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -101,6 +130,19 @@ def _parser():
                      help="image_folder: the root folder; imagenet2012: the ILSVRC2012 tars")
   build.add_argument("--data_dir", default="", help="default $TFDS_DATA_DIR or ~/tensorflow_datasets")
   build.add_argument("--resolution", type=int, default=None, help="image size (center crop)")
+  ref = data_sub.add_parser("reference", help="Inception reference statistics of a split",
+                            description="Writes an ADM-format .npz (arr_0 with --keep images, "
+                                        "mu, sigma, mu_s, sigma_s; with --dinov2 also "
+                                        "mu_dinov2, sigma_dinov2) of a prepared dataset split.")
+  ref.add_argument("name", choices=("digits", "image_folder", "imagenet2012"))
+  ref.add_argument("--split", default="train")
+  ref.add_argument("--resolution", type=int, required=True)
+  ref.add_argument("--manual_dir", default="", help="image_folder: the folder it was built from")
+  ref.add_argument("--data_dir", default="")
+  ref.add_argument("--num", type=int, default=None, help="at most this many images")
+  ref.add_argument("--keep", type=int, default=10000, help="images kept as arr_0 (for P/R)")
+  ref.add_argument("--dinov2", action="store_true", help="also FD-DINOv2 statistics")
+  ref.add_argument("--out", required=True)
   return parser
 
 
@@ -147,28 +189,79 @@ def _cmd_sample(args, overrides):
     print(f"wrote {args.num} samples to {args.out}")
 
 
-def _cmd_eval(args, overrides):
-  from tesserax.training import demo
-  metrics = [m for m in args.metrics.split(",") if m]
-  results = demo.evaluate_samples_file(args.samples, metrics)
+def _report(results, out):
   width = max(len(k) for k in results)
   for key, value in results.items():
-    print(f"{key:<{width}}  {value:.4f}")
-  if args.out:
-    with open(args.out, "w") as f:
+    print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+  if out:
+    with open(out, "w") as f:
       json.dump(results, f, indent=2)
+
+
+def _cmd_eval(args, overrides):
+  metrics = [m for m in args.metrics.split(",") if m]
+  digits = {"fid_digits", "accuracy"}
+  if set(metrics) & digits:
+    from tesserax.training import demo
+    if not set(metrics) <= digits:
+      raise TesseraxError("fid_digits/accuracy cannot be mixed with the Inception metrics")
+    _report(demo.evaluate_samples_file(args.samples, metrics), args.out)
+    return
+  from tesserax.eval import metrics as metrics_lib, reference
+  if args.ref is None:
+    raise TesseraxError("--ref REF.npz is needed for " + ",".join(metrics))
+  ref = reference.load(args.ref, metrics=metrics)
+  samples = reference.read_images(args.samples)
+  results = metrics_lib.generation_metrics(samples, ref, metrics, mode=args.preprocess,
+                                           num_samples=args.num)
+  _report(results, args.out)
+
+
+def _cmd_eval_recon(args, overrides):
+  from tesserax.eval import metrics as metrics_lib, reference
+  originals = reference.read_images(args.originals)
+  reconstructions = reference.read_images(args.reconstructions)
+  metrics = [m for m in args.metrics.split(",") if m]
+  _report(metrics_lib.reconstruction_metrics(originals, reconstructions, metrics), args.out)
+
+
+def _cmd_weights(args, overrides):
+  from tesserax.backbones import weights
+  for path in weights.fetch(args.name, args.dest):
+    print(f"{args.name}: {path}")
 
 
 def _cmd_data(args, overrides):
   from tesserax.data import pipeline
+  if args.data_command == "reference":
+    _data_reference(args)
+    return
   if args.manual_dir is not None and not os.path.isdir(args.manual_dir):
     raise TesseraxError(f"--manual_dir does not exist: {args.manual_dir}")
   pipeline.build(args.name, args.data_dir, manual_dir=args.manual_dir, resolution=args.resolution)
   print(f"prepared {args.name}")
 
 
+def _data_reference(args):
+  import ml_collections
+  from tesserax.backbones import weights
+  from tesserax.data import pipeline
+  from tesserax.eval import reference
+  num_classes = {"digits": 10, "imagenet2012": 1000}.get(args.name)
+  data = ml_collections.ConfigDict(dict(
+      name=args.name, data_dir=args.data_dir, manual_dir=args.manual_dir,
+      resolution=args.resolution, split=args.split, random_flip=False,
+      num_classes=num_classes or len([d for d in os.listdir(args.manual_dir)
+                                      if os.path.isdir(os.path.join(args.manual_dir, d))])))
+  batches = pipeline.iterate_split(data, args.split, limit=args.num)
+  ref = reference.compute(batches, dinov2=weights.load("dinov2_vitl14") if args.dinov2 else None,
+                          keep_images=args.keep)
+  reference.save(args.out, ref)
+  print(f"wrote {args.out}")
+
+
 COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval,
-            "data": _cmd_data}
+            "eval-recon": _cmd_eval_recon, "weights": _cmd_weights, "data": _cmd_data}
 
 
 def main(argv=None):

@@ -35,8 +35,10 @@ def get_config(arg=None):
   config.checkpoint.every_steps = 500
   config.sample.every_steps = 1000
   config.sample.num_per_class = 10
-  config.eval = dict(num_samples=1000, batch_size=500, cfg_scale=1.0,
-                     nfe=(1, 2, 4, 8, 16, 32))
+  config.eval.kind = "digits"
+  # The demo's sweep (training/demo.py): every sampler at these NFE, with this guidance.
+  config.eval.nfe = (1, 2, 4, 8, 16, 32)
+  config.eval.cfg_scale = 1.0
   if arg == "tiny":
     config.num_steps = 4
     config.batch_size = 16

@@ -112,6 +112,16 @@ def load_split(data_cfg, split: str) -> tuple[np.ndarray, np.ndarray]:
   return preprocess.to_model_range(_at_resolution(images, data_cfg)), labels
 
 
+def iterate_split(data_cfg, split: str, batch_size: int = 256, limit: int | None = None):
+  """uint8 NHWC image batches of `split` in order, at data_cfg.resolution (for reference
+  statistics of datasets too large to hold in memory); at most `limit` images."""
+  source = _source(data_cfg, split)
+  total = len(source) if limit is None else min(limit, len(source))
+  for start in range(0, total, batch_size):
+    images, _ = _read(source, list(range(start, min(start + batch_size, total))))
+    yield _at_resolution(images, data_cfg)
+
+
 def make_train_loader(data_cfg, global_batch_size: int, seed: int,
                       process_index: int | None = None, process_count: int | None = None):
   """An endless grain iterator of this process's rows of each global batch of data_cfg.split.

@@ -97,3 +97,27 @@ def compute(images, *, inception=None, dinov2=None, keep_images=10000, mode="adm
   if keep_images:
     ref["arr_0"] = acc["images"]
   return ref
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def read_images(path) -> np.ndarray:
+  """uint8 NHWC images from an ADM-style .npz (`arr_0`) or a folder of PNG/JPEG files (sorted
+  by name, all of one size)."""
+  from PIL import Image
+  if os.path.isdir(path):
+    names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_SUFFIXES))
+    if not names:
+      raise TesseraxError(f"no PNG/JPEG images in {path}")
+    images = [np.asarray(Image.open(os.path.join(path, n)).convert("RGB")) for n in names]
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+      raise TesseraxError(f"images in {path} differ in size: {sorted(shapes)[:3]}")
+    return np.stack(images)
+  if not os.path.isfile(path):
+    raise TesseraxError(f"samples not found: {path}")
+  with np.load(path) as data:
+    if "arr_0" not in data:
+      raise TesseraxError(f"{path} has no arr_0 (the images)")
+    return data["arr_0"]

@@ -36,6 +36,11 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint=dict(every_steps=500, keep=3, keep_every=0, use_async=True),
       sample=dict(every_steps=0, num_per_class=8, solver="euler", num_steps=32, shift=1.0,
                   cfg_scale=1.0),
+      # Periodic evaluation (training/evaluators.py) of eval.num_samples EMA samples drawn
+      # with the sample.* settings: kind "digits" (FID-digits, accuracy) or "inception"
+      # (eval.metrics of fid, sfid, is, pr against the ADM reference batch eval.ref).
+      eval=dict(every_steps=0, kind="digits", ref="", metrics=("fid",), num_samples=1000,
+                batch_size=500),
   ))
 
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from tesserax.errors import TesseraxError
-from tesserax.training import trainer
+from tesserax.training import evaluators, trainer
 
 SOLVERS = ("euler", "heun")
 
@@ -33,15 +33,12 @@ def run(config, workdir: str) -> dict:
 
 
 def evaluate(setup, params, workdir: str) -> dict:
-  from tesserax.backbones.digits_net import load_digits_net
   from tesserax.data import pipeline
-  from tesserax.eval.digits import digits_metrics, digits_reference_stats
   from tesserax.eval.grid import save_grid
   c = setup.config
-  net = load_digits_net(c.data.resolution)
-  reference = digits_reference_stats("test", c.data.resolution, net)
+  score = evaluators.digits_scorer(c.data.resolution)
   train_images, train_labels = pipeline.load_split(c.data, "train")
-  results = {"floor": digits_metrics(train_images, train_labels, reference, net),
+  results = {"floor": score(train_images, train_labels),
              "num_samples": c.eval.num_samples, "cfg_scale": c.eval.cfg_scale,
              "step": _last_logged_step(workdir)}
   labels = np.arange(c.eval.num_samples, dtype=np.int32) % c.model.num_classes
@@ -55,7 +52,7 @@ def evaluate(setup, params, workdir: str) -> dict:
         continue
       images = trainer.generate(setup, params, labels, key, solver, steps,
                                 cfg_scale=c.eval.cfg_scale, batch_size=c.eval.batch_size)
-      results[solver][str(nfe)] = digits_metrics(images, labels, reference, net)
+      results[solver][str(nfe)] = score(images, labels)
       _print_row(solver, nfe, results[solver][str(nfe)])
       if solver == "euler" and nfe == max(c.eval.nfe):
         grid_images = images
@@ -127,9 +124,7 @@ def _plot_sweep(results, path):
 
 def evaluate_samples_file(path: str, metrics) -> dict:
   """Score an ADM-style samples .npz (arr_0 uint8 NHWC, arr_1 labels) on the digits metrics."""
-  from tesserax.backbones.digits_net import load_digits_net
   from tesserax.data.preprocess import to_model_range
-  from tesserax.eval.digits import digits_metrics, digits_reference_stats
   known = ("fid_digits", "accuracy")
   unknown = [m for m in metrics if m not in known]
   if unknown:
@@ -146,10 +141,8 @@ def evaluate_samples_file(path: str, metrics) -> dict:
                         f"{list(images.shape)}")
   if "accuracy" in metrics and labels is None:
     raise TesseraxError(f"{path} has no arr_1 labels, needed for accuracy")
-  net = load_digits_net(images.shape[1])
-  reference = digits_reference_stats("test", images.shape[1], net)
-  scores = digits_metrics(to_model_range(images),
-                          labels if labels is not None else np.zeros(len(images), np.int32),
-                          reference, net)
+  score = evaluators.digits_scorer(images.shape[1])
+  scores = score(to_model_range(images),
+                 labels if labels is not None else np.zeros(len(images), np.int32))
   names = {"fid_digits": "fid", "accuracy": "accuracy"}
   return {m: scores[names[m]] for m in metrics}

@@ -27,7 +27,7 @@ from tesserax.data import pipeline
 from tesserax.errors import TesseraxError
 from tesserax.generators import dit
 from tesserax.generators.objectives import rectified_flow
-from tesserax.training import checkpoint, config as config_lib, optim, sharding
+from tesserax.training import checkpoint, config as config_lib, evaluators, optim, sharding
 
 MODELS = {"dit": dit.DiT}
 OBJECTIVES = {"rectified_flow": rectified_flow}
@@ -223,6 +223,7 @@ def train(config, workdir: str, init_from: str | None = None, log=print):
   start = int(jax.device_get(state["step"]))
   metrics_log = MetricsLog(workdir, start)
   progress = Progress(start, config.num_steps, config.batch_size)
+  evaluate = evaluators.make_evaluator(config, generate)
   preemption = _Preemption()
   try:
     step = start
@@ -237,6 +238,11 @@ def train(config, workdir: str, init_from: str | None = None, log=print):
         metrics_log.write(step, scalars)
         if is_main:
           log(progress.line(step, scalars))
+      if evaluate and step % config.eval.every_steps == 0:
+        scores = evaluate(setup, state["ema"])
+        metrics_log.write(step, scores)
+        if is_main:
+          log(f"step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in scores.items()))
       if config.sample.every_steps and step % config.sample.every_steps == 0:
         save_sample_grid(setup, state["ema"], os.path.join(workdir, "samples", f"{step:08d}.png"))
       if step % config.checkpoint.every_steps == 0 or step == config.num_steps or preempted:
