@@ -1,0 +1,187 @@
+"""Official KL-autoencoder checkpoints -> tesserax tokenizer directories.
+
+  convert_vae(kind, src, out_dir, stats=None, config=None)   an official file -> out_dir
+  load_tokenizer(directory) -> (KLAutoencoder, {"mean", "std"})
+
+Kinds (reference/tokenizers.md §3.5):
+  vavae-f16d32    hustvl vavae-imagenet256-f16d32-dinov2.pt, the LDM state dict (under
+                  "state_dict" where the file has one) with training-time entries; the loader
+                  of LightningDiT tokenizer/vavae.py drops every key containing "loss" and
+                  loads with strict=False, which ignores `foundation_model.*` (the frozen
+                  DINOv2) and `linear_proj.weight` (the VF projection). Those three groups are
+                  dropped here, everything else must be the autoencoder. Latent statistics:
+                  `latents_stats.pt` ({"mean", "std"}, one value per channel), by default
+                  next to `src`.
+  sd-vae-ft-ema, sd-vae-ft-mse
+                  stabilityai/sd-vae-ft-{ema,mse} diffusion_pytorch_model.{safetensors,bin}, the
+                  diffusers AutoencoderKL layout: down_blocks.N.resnets.M (nin_shortcut named
+                  conv_shortcut), downsamplers.0 / upsamplers.0, mid_block.resnets.{0,1} and
+                  attentions.0 with Linear to_q/to_k/to_v/to_out.0 (query/key/value/proj_attn
+                  in older files), group_norm, conv_norm_out, and `decoder.up_blocks` in
+                  processing order (up_blocks.0 = the LDM `up[-1]`). Latent statistics: the
+                  scaling factor 0.18215 of the LDM kl-f8 recipe, as mean 0 and std 1/0.18215
+                  per channel, unless `stats` gives a file.
+
+Every key of the source is consumed exactly once; missing or unexpected keys are one error
+listing them, a misshapen key an error naming it (backbones/weights.convert). The directory
+holds `params.npz` (flat "encoder.down.0.block.0.conv1.kernel" keys), `config.json` ({"kind",
+"model"}) and `latent_stats.npz` (mean, std of shape [embed_dim]); latents are normalised as
+(z - mean) / std (DESIGN.md).
+"""
+import json
+import os
+import pathlib
+import re
+
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from tesserax.backbones import weights
+from tesserax.convert import torch_reader
+from tesserax.errors import TesseraxError
+from tesserax.tokenizers import kl_autoencoder
+
+KINDS = {"vavae-f16d32": "vavae_f16d32", "sd-vae-ft-ema": "sd_vae_f8d4",
+         "sd-vae-ft-mse": "sd_vae_f8d4"}
+SD_SCALING_FACTOR = 0.18215
+_VAVAE_TRAINING_ONLY = re.compile(r"loss|^foundation_model\.|^linear_proj\.")
+
+
+def ldm_rules(config) -> dict:
+  """{LDM state-dict key: (flax key, flax shape, perm)} for the model `config` builds."""
+  model = nnx.eval_shape(lambda: kl_autoencoder.build(config))
+  return dict(weights._torch_rule(".".join(map(str, path)), tuple(x.shape))  # pylint: disable=protected-access
+              for path, x in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
+
+def diffusers_key(ldm_key: str, num_levels: int, legacy_attention: bool = False) -> str:
+  """The diffusers AutoencoderKL name of an LDM state-dict key."""
+  attn = ({"q": "query", "k": "key", "v": "value", "proj_out": "proj_attn"} if legacy_attention
+          else {"q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"})
+  attn["norm"] = "group_norm"
+  key = re.sub(r"^(encoder|decoder)\.mid\.block_(\d)",
+               lambda m: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}", ldm_key)
+  key = re.sub(r"\.mid\.attn_1\.", ".mid_block.attentions.0.", key)
+  key = re.sub(r"^encoder\.down\.(\d+)\.", r"encoder.down_blocks.\1.", key)
+  key = re.sub(r"^decoder\.up\.(\d+)\.",
+               lambda m: f"decoder.up_blocks.{num_levels - 1 - int(m[1])}.", key)
+  key = re.sub(r"\.block\.(\d+)\.", r".resnets.\1.", key)
+  key = re.sub(r"\.attn\.(\d+)\.", r".attentions.\1.", key)
+  key = key.replace(".downsample.", ".downsamplers.0.").replace(".upsample.", ".upsamplers.0.")
+  key = key.replace(".nin_shortcut.", ".conv_shortcut.").replace(".norm_out.", ".conv_norm_out.")
+  return re.sub(r"(attentions\.\d+)\.(norm|q|k|v|proj_out)\.",
+                lambda m: f"{m[1]}.{attn[m[2]]}.", key)
+
+
+def _read(src) -> weights.Tensors:
+  """The state dict in `src`: .safetensors / .npz directly, a PyTorch file (needs torch)
+  through its "state_dict" entry where it has one."""
+  src = pathlib.Path(src)
+  if src.suffix in (".safetensors", ".npz"):
+    return weights.read_tensors(src)
+  content = torch_reader.read(str(src))
+  if isinstance(content.get("state_dict"), dict):
+    content = content["state_dict"]
+  tensors = {k: v for k, v in content.items() if isinstance(v, np.ndarray)}
+  if len(tensors) != len(content):
+    raise TesseraxError(f"{src}: not a state dict of tensors (entries "
+                        f"{', '.join(k for k in content if k not in tensors)[:200]})")
+  return weights.Tensors(src, {k: v.shape for k, v in tensors.items()},
+                         lambda k: np.asarray(tensors[k], np.float32))
+
+
+def _check_keys(tensors, expected, what):
+  """One error listing every missing and unexpected key."""
+  missing = [k for k in expected if k not in tensors.shapes]
+  unexpected = [k for k in tensors.shapes if k not in expected]
+  problems = [f"{label} {len(keys)}: {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}"
+              for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+  if problems:
+    raise TesseraxError(f"{tensors.path.name} is not a {what} checkpoint: " + "; ".join(problems))
+
+
+def vavae_params(src, config) -> dict:
+  """Flat flax params of an official VA-VAE file, its training-only keys dropped."""
+  tensors = _read(src)
+  dropped = {k: s for k, s in tensors.shapes.items() if _VAVAE_TRAINING_ONLY.search(k)}
+  rules = ldm_rules(config)
+  _check_keys(tensors, set(rules) | set(dropped), "VA-VAE (LDM AutoencoderKL)")
+  return weights.convert(tensors, rules, dropped=dropped)
+
+
+def diffusers_params(src, config) -> dict:
+  """Flat flax params of a diffusers AutoencoderKL file. Attention projections are Linear
+  [out, in] there (1x1 convs [out, in, 1, 1] in the LDM layout)."""
+  tensors = _read(src)
+  legacy = any(".attentions.0.query." in k for k in tensors.shapes)
+  rules, shapes = {}, {}
+  for ldm_key, (flax_key, shape, perm) in ldm_rules(config).items():
+    key = diffusers_key(ldm_key, len(config.ch_mult), legacy)
+    shapes[flax_key] = shape
+    if len(shape) == 4 and len(tensors.shapes.get(key, ())) == 2:  # Linear [out, in]
+      rules[key] = (flax_key, shape[2:], (1, 0))
+    else:
+      rules[key] = (flax_key, shape, perm)
+  _check_keys(tensors, rules, "diffusers AutoencoderKL")
+  return {k: v.reshape(shapes[k]) for k, v in weights.convert(tensors, rules).items()}
+
+
+def read_stats(path, embed_dim) -> dict:
+  """{"mean", "std"} float32 [embed_dim] from a latents_stats file (any shape holding one value
+  per channel, e.g. [1, C, 1, 1])."""
+  tensors = _read(path)
+  _check_keys(tensors, {"mean", "std"}, "latent statistics")
+  stats = {k: tensors.read(k).reshape(-1) for k in ("mean", "std")}
+  for k, v in stats.items():
+    if v.shape != (embed_dim,):
+      raise TesseraxError(f"{path}: {k} has {v.size} values; the tokenizer has {embed_dim} "
+                          "latent channels")
+  if not np.all(stats["std"] > 0):
+    raise TesseraxError(f"{path}: std must be positive")
+  return stats
+
+
+def convert_vae(kind: str, src, out_dir, stats=None, config=None) -> str:
+  """Convert the official file `src` of `kind` into a new tokenizer directory `out_dir`.
+  `config` (default: the kind's) serves files of the same family at other sizes, e.g. the
+  f16d16 / f16d64 VA-VAE variants. Returns the absolute out_dir."""
+  if kind not in KINDS:
+    raise TesseraxError(f"unknown --kind {kind!r}; choose from {', '.join(KINDS)}")
+  config = config or kl_autoencoder.CONFIGS[KINDS[kind]]()
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(os.path.join(out_dir, "params.npz")):
+    raise TesseraxError(f"{out_dir} already holds a tokenizer; convert into a new directory")
+  if kind == "vavae-f16d32":
+    stats = stats or pathlib.Path(src).with_name("latents_stats.pt")
+    if not os.path.exists(stats):
+      raise TesseraxError(f"latent statistics {stats} not found: download latents_stats.pt "
+                          "from hustvl/vavae-imagenet256-f16d32-dinov2 and pass it as stats")
+    latent_stats = read_stats(stats, config.embed_dim)
+    params = vavae_params(src, config)
+  else:
+    params = diffusers_params(src, config)
+    latent_stats = (read_stats(stats, config.embed_dim) if stats else
+                    {"mean": np.zeros(config.embed_dim, np.float32),
+                     "std": np.full(config.embed_dim, 1 / SD_SCALING_FACTOR, np.float32)})
+  os.makedirs(out_dir, exist_ok=True)
+  np.savez(os.path.join(out_dir, "latent_stats.npz"), **latent_stats)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump({"kind": kind, "model": config.to_dict()}, f, indent=2)
+  np.savez(os.path.join(out_dir, "params.npz"), **params)  # last: its presence marks success
+  return out_dir
+
+
+def load_tokenizer(directory):
+  """(KLAutoencoder, {"mean", "std"}) from a directory written by convert_vae."""
+  path = pathlib.Path(directory)
+  if not (path / "params.npz").exists() or not (path / "config.json").exists():
+    raise TesseraxError(f"{directory} is not a tokenizer directory (no params.npz/config.json)")
+  config = ml_collections.ConfigDict(
+      json.loads((path / "config.json").read_text())["model"])
+  with np.load(path / "params.npz") as f:
+    params = dict(f)
+  model = weights.with_params(lambda: kl_autoencoder.build(config), params,
+                              source=str(path / "params.npz"))
+  with np.load(path / "latent_stats.npz") as f:
+    return model, {k: f[k] for k in ("mean", "std")}
