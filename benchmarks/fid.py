@@ -12,7 +12,6 @@ uint8 images, which is extrapolated to 50,000 samples when --num is smaller. TFL
 a 2048^3 float32 matmul at HIGHEST precision on the same device.
 """
 import argparse
-import json
 import time
 
 import jax
@@ -20,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from tesserax.backbones import inception, weights
-from tesserax.benchmarks.throughput import matmul_tflops, timed
+from tesserax.benchmarks.throughput import matmul_tflops, report, timed
 from tesserax.eval import metrics
 from tesserax.eval.frechet import frechet_distance
 from tesserax.errors import TesseraxError
@@ -75,11 +74,7 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
-  result = run(args)
-  print(json.dumps(result, indent=2))
-  if args.out:
-    with open(args.out, "a") as f:
-      f.write(json.dumps(result) + "\n")
+  report(run(args), args.out)
 
 
 if __name__ == "__main__":

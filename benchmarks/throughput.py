@@ -69,6 +69,14 @@ def published_peak():
   return next((v for k, v in PUBLISHED_PEAK_TFLOPS.items() if k in kind), None)
 
 
+def report(result: dict, out: str | None) -> None:
+  """Print a result and append it as one JSON line to `out`."""
+  print(json.dumps(result, indent=2))
+  if out:
+    with open(out, "a") as f:
+      f.write(json.dumps(result) + "\n")
+
+
 def run(args):
   config = model_config(args.model, args.dtype)
   config.batch_size = args.batch
@@ -127,11 +135,7 @@ def main():
   parser.add_argument("--matmul_size", type=int, default=2048)
   parser.add_argument("--out", default=None, help="append the result as a JSON line here")
   args = parser.parse_args()
-  result = run(args)
-  print(json.dumps(result, indent=2))
-  if args.out:
-    with open(args.out, "a") as f:
-      f.write(json.dumps(result) + "\n")
+  report(run(args), args.out)
 
 
 if __name__ == "__main__":
