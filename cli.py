@@ -9,6 +9,7 @@
   tesserax data build NAME [--manual_dir DIR] [--data_dir DIR] [--resolution R]
   tesserax data reference NAME --split S --resolution R --out REF.npz
   tesserax weights fetch NAME
+  tesserax convert --kind KIND --src OFFICIAL_FILE --out DIR [--stats latents_stats.pt]
 
 Bad input ends with one line, `error: ...`, and exit status 2.
 """
@@ -111,6 +112,18 @@ def _parser():
   recon.add_argument("--reconstructions", required=True)
   recon.add_argument("--metrics", default="rfid,psnr,ssim,lpips")
   recon.add_argument("--out", default=None, help="also write the results as JSON here")
+
+  from tesserax.convert import vae as vae_convert
+  convert = sub.add_parser(
+      "convert", help="convert an official checkpoint into a tesserax directory",
+      description="KIND: " + ", ".join(vae_convert.KINDS) + ". Every source key is used once; "
+                  "unknown, missing or misshapen keys are an error that lists them.")
+  convert.add_argument("--kind", required=True, choices=tuple(vae_convert.KINDS))
+  convert.add_argument("--src", required=True, help="the official file (.pt needs the torch "
+                       "extra; .safetensors needs nothing)")
+  convert.add_argument("--out", required=True, help="a new directory")
+  convert.add_argument("--stats", default=None, help="VA-VAE latents_stats.pt (default: next "
+                       "to --src)")
 
   weights_cmd = sub.add_parser("weights", help="pretrained weights of the evaluation networks")
   weights_sub = weights_cmd.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
@@ -225,6 +238,11 @@ def _cmd_eval_recon(args, overrides):
   _report(metrics_lib.reconstruction_metrics(originals, reconstructions, metrics), args.out)
 
 
+def _cmd_convert(args, overrides):
+  from tesserax.convert import vae
+  print(f"wrote {vae.convert_vae(args.kind, args.src, args.out, stats=args.stats)}")
+
+
 def _cmd_weights(args, overrides):
   from tesserax.backbones import weights
   for path in weights.fetch(args.name, args.dest):
@@ -261,7 +279,8 @@ def _data_reference(args):
 
 
 COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval,
-            "eval-recon": _cmd_eval_recon, "weights": _cmd_weights, "data": _cmd_data}
+            "eval-recon": _cmd_eval_recon, "weights": _cmd_weights, "convert": _cmd_convert,
+            "data": _cmd_data}
 
 
 def main(argv=None):

@@ -148,6 +148,8 @@ def convert_vae(kind: str, src, out_dir, stats=None, config=None) -> str:
   f16d16 / f16d64 VA-VAE variants. Returns the absolute out_dir."""
   if kind not in KINDS:
     raise TesseraxError(f"unknown --kind {kind!r}; choose from {', '.join(KINDS)}")
+  if not os.path.isfile(src):
+    raise TesseraxError(f"checkpoint file not found: {src}")
   config = config or kl_autoencoder.CONFIGS[KINDS[kind]]()
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(os.path.join(out_dir, "params.npz")):
@@ -156,7 +158,7 @@ def convert_vae(kind: str, src, out_dir, stats=None, config=None) -> str:
     stats = stats or pathlib.Path(src).with_name("latents_stats.pt")
     if not os.path.exists(stats):
       raise TesseraxError(f"latent statistics {stats} not found: download latents_stats.pt "
-                          "from hustvl/vavae-imagenet256-f16d32-dinov2 and pass it as stats")
+                          "from hustvl/vavae-imagenet256-f16d32-dinov2 and pass it with --stats")
     latent_stats = read_stats(stats, config.embed_dim)
     params = vavae_params(src, config)
   else:

@@ -88,3 +88,11 @@ def test_reference_of_a_split_and_inception_score_of_a_folder(tmp_path, monkeypa
   assert got["is"] == expected["is"] and got["num_samples"] == 10
   assert cli.main(["eval", "--samples", str(folder), "--metrics", "fid"]) == 2
   assert "--ref REF.npz is needed" in capsys.readouterr().err
+
+
+def test_convert_refuses_a_missing_file_in_one_line(tmp_path, capsys):
+  assert cli.main(["convert", "--kind", "sd-vae-ft-mse", "--src", str(tmp_path / "no.safetensors"),
+                   "--out", str(tmp_path / "out")]) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert lines == [f"error: checkpoint file not found: {tmp_path / 'no.safetensors'}"]
+  assert not (tmp_path / "out").exists()
