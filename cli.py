@@ -9,7 +9,7 @@
   tesserax data build NAME [--manual_dir DIR] [--data_dir DIR] [--resolution R]
   tesserax data reference NAME --split S --resolution R --out REF.npz
   tesserax weights fetch NAME
-  tesserax convert --kind KIND --src OFFICIAL_FILE --out DIR [--stats latents_stats.pt]
+  tesserax convert --kind KIND --src OFFICIAL_FILE --out DIR [--stats latents_stats.pt] [--export]
 
 Bad input ends with one line, `error: ...`, and exit status 2.
 """
@@ -113,17 +113,25 @@ def _parser():
   recon.add_argument("--metrics", default="rfid,psnr,ssim,lpips")
   recon.add_argument("--out", default=None, help="also write the results as JSON here")
 
-  from tesserax.convert import vae as vae_convert
+  from tesserax.convert import dit as dit_convert, vae as vae_convert
+  kinds = tuple(dit_convert.KINDS) + tuple(vae_convert.KINDS)
   convert = sub.add_parser(
       "convert", help="convert an official checkpoint into a tesserax directory",
-      description="KIND: " + ", ".join(vae_convert.KINDS) + ". Every source key is used once; "
-                  "unknown, missing or misshapen keys are an error that lists them.")
-  convert.add_argument("--kind", required=True, choices=tuple(vae_convert.KINDS))
+      description="DiT-family kinds become a training workdir (config.json + checkpoints/0) "
+                  "that `tesserax sample --workdir` samples from, with the model's time "
+                  "convention wrapped at the boundary; VAE kinds become a tokenizer directory. "
+                  "Every source key is used once; unknown, missing or misshapen keys are an "
+                  "error that lists them. --export writes a DiT-family workdir back to the "
+                  "official layout.")
+  convert.add_argument("--kind", required=True, choices=kinds)
   convert.add_argument("--src", required=True, help="the official file (.pt needs the torch "
                        "extra; .safetensors needs nothing)")
   convert.add_argument("--out", required=True, help="a new directory")
   convert.add_argument("--stats", default=None, help="VA-VAE latents_stats.pt (default: next "
                        "to --src)")
+  convert.add_argument("--export", action="store_true",
+                       help="the reverse: --src is a DiT-family workdir, --out the official "
+                            "file (.safetensors, or .pt with torch)")
 
   weights_cmd = sub.add_parser("weights", help="pretrained weights of the evaluation networks")
   weights_sub = weights_cmd.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
@@ -239,8 +247,16 @@ def _cmd_eval_recon(args, overrides):
 
 
 def _cmd_convert(args, overrides):
-  from tesserax.convert import vae
-  print(f"wrote {vae.convert_vae(args.kind, args.src, args.out, stats=args.stats)}")
+  from tesserax.convert import dit, vae
+  if args.kind in vae.KINDS:
+    if args.export:
+      raise TesseraxError("--export is for the DiT-family kinds")
+    print(f"wrote {vae.convert_vae(args.kind, args.src, args.out, stats=args.stats)}")
+  elif args.export:
+    dit.export(args.src, args.out)
+    print(f"wrote {args.out}")
+  else:
+    print(f"wrote {dit.convert(args.kind, args.src, args.out)}")
 
 
 def _cmd_weights(args, overrides):

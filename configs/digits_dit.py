@@ -48,7 +48,7 @@ def get_config(arg=None):
     config.model.num_heads = 2
     config.checkpoint.every_steps = 2
     config.sample.every_steps = 0
-    config.eval.num_samples = 40
-    config.eval.batch_size = 40
-    config.eval.nfe = (1, 2, 4)
+    config.eval.num_samples = 20
+    config.eval.batch_size = 20
+    config.eval.nfe = (1, 2)
   return config

@@ -1,1 +1,2 @@
-"""Readers for official PyTorch/safetensors checkpoints and per-model key maps (later issues)."""
+"""Official checkpoints <-> tesserax: file readers (torch_reader) and per-model key maps (dit:
+DiT, SiT, LightningDiT)."""

@@ -1,11 +1,13 @@
 """Official checkpoint files as NumPy arrays, and back.
 
 `.pt` / `.pth` / `.bin` go through PyTorch, which is optional and imported only for them
-(`torch.load(weights_only=True)`: tensors and plain containers, no code execution).
-`.safetensors` goes through the small NumPy reader and writer below, so the safetensors package
-is not needed. The format: an 8-byte little-endian header length N, N bytes of JSON mapping each
-name to {dtype, shape, data_offsets: [begin, end]} (offsets into the data after the header, plus
-an optional "__metadata__" entry), then the raw little-endian bytes.
+(`torch.load(weights_only=True)`: tensors and plain containers, no code execution), keeping
+nested dicts such as {"ema": state_dict, ...}. `.safetensors` and `.npz` are read by
+backbones/weights.py `read_tensors` (its NumPy safetensors reader; no safetensors package).
+Floating-point tensors arrive as float32. `write` saves a flat state_dict as `.safetensors` with the small NumPy writer below
+(an 8-byte little-endian header length N, N bytes of JSON mapping each name to {dtype, shape,
+data_offsets: [begin, end]} into the data that follows, the raw bytes in the host's order,
+little-endian on x86 and ARM), or as a PyTorch file.
 """
 import json
 import os
@@ -14,27 +16,24 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from tesserax.backbones import weights
 from tesserax.errors import TesseraxError
 
-SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
-}
+# What backbones/weights.py reads back.
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+                      "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32}
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 
 def read(path: str) -> dict:
   """The file's contents: {name: np.ndarray}, or for a PyTorch file whatever (nested) dict of
   tensors it holds, with the tensors as NumPy arrays."""
-  if not os.path.isfile(path):
-    raise TesseraxError(f"checkpoint file not found: {path}")
-  if path.endswith(".safetensors"):
-    return _read_safetensors(path)
   if path.endswith(TORCH_SUFFIXES):
+    if not os.path.isfile(path):
+      raise TesseraxError(f"checkpoint file not found: {path}")
     return _read_torch(path)
-  raise TesseraxError(f"unknown checkpoint format: {path} (expected .safetensors or "
-                      f"{', '.join(TORCH_SUFFIXES)})")
+  tensors = weights.read_tensors(path)
+  return {key: tensors.read(key) for key in tensors.shapes}
 
 
 def write(path: str, state_dict: dict) -> None:
@@ -48,31 +47,6 @@ def write(path: str, state_dict: dict) -> None:
   else:
     raise TesseraxError(f"unknown checkpoint format: {path} (expected .safetensors or "
                         f"{', '.join(TORCH_SUFFIXES)})")
-
-
-def _read_safetensors(path):
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
-    header_size = struct.unpack("<Q", f.read(8))[0] if size >= 8 else size
-    if 8 + header_size > size:
-      raise TesseraxError(f"{path} is not a safetensors file (header runs past the end)")
-    try:
-      header = json.loads(f.read(header_size))
-    except ValueError:
-      raise TesseraxError(f"{path} is not a safetensors file (unreadable header)") from None
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_size)
-  out = {}
-  for name, entry in header.items():
-    if name == "__metadata__":
-      continue
-    if entry["dtype"] not in SAFETENSORS_DTYPES:
-      raise TesseraxError(f"{path}: {name} has unsupported dtype {entry['dtype']}")
-    begin, end = entry["data_offsets"]
-    dtype = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]])
-    if end > data.size or end - begin != dtype.itemsize * int(np.prod(entry["shape"])):
-      raise TesseraxError(f"{path}: {name} has inconsistent offsets (truncated file?)")
-    out[name] = np.array(data[begin:end]).view(dtype).reshape(entry["shape"])
-  return out
 
 
 def _write_safetensors(path, state_dict):
@@ -92,7 +66,7 @@ def _write_safetensors(path, state_dict):
     f.write(struct.pack("<Q", len(text)))
     f.write(text)
     for value in arrays:
-      f.write(value.astype(value.dtype.newbyteorder("<"), copy=False).tobytes())
+      f.write(value.tobytes())
 
 
 def _import_torch(path):
@@ -117,9 +91,7 @@ def _read_torch(path):
       return {k: to_numpy(v) for k, v in value.items()}
     if isinstance(value, torch.Tensor):
       value = value.detach().cpu()
-      if value.dtype == torch.bfloat16:
-        return value.float().numpy().astype(ml_dtypes.bfloat16)
-      return value.numpy()
+      return (value.to(torch.float32) if value.is_floating_point() else value).numpy()
     return value
 
   return to_numpy(content)

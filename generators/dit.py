@@ -1,6 +1,7 @@
-"""Diffusion Transformer (Peebles & Xie 2023) with adaLN-Zero, as in facebookresearch/DiT models.py.
+"""The DiT family: DiT (Peebles & Xie 2023), SiT and LightningDiT as one configurable network.
 
-Layout and quirks follow the official code exactly (reference/generators.md §1.3):
+DiT's layout and quirks follow facebookresearch/DiT models.py exactly (reference/generators.md
+§1.3):
 - norms: LayerNorm without affine, eps 1e-6; MLP: fc1 -> GELU(tanh) -> fc2, hidden 4D;
 - attention: fused qkv Linear(D, 3D) with rows [q | k | v], each split as (heads, head_dim);
 - conditioning c = t_emb + y_emb; t_emb from a 256-dim [cos, sin] sinusoid (max period 10000)
@@ -14,8 +15,27 @@ Layout and quirks follow the official code exactly (reference/generators.md §1.
   conv xavier on its flattened [D, C*p*p] view, label table and both t-MLP weights N(0, 0.02),
   every adaLN output and the final linear zero.
 
-The network takes flow time t in [0, 1] (t = 1 is noise, DESIGN.md) and embeds `t * time_scale`;
-`time_scale = 1000` puts t on the scale of DiT's integer steps. Images are NHWC.
+SiT (willisma/SiT models.py) is this network unchanged, trained on the linear path (§3.1).
+LightningDiT (hustvl/LightningDiT models/lightningdit.py, §2.1) adds, each a config switch:
+- `mlp="swiglu"`: SwiGLUFFN, w12 = Linear(D, 2H) -> silu(x1) * x2 -> w3 = Linear(H, D), with
+  biases, H = int(2/3 * int(mlp_ratio * D)) (3072 for XL: the GELU MLP's parameters and MACs);
+- `norm="rmsnorm"`: RMSNorm x * rsqrt(mean(x^2) + 1e-6) in float32 times a learnable weight
+  (init 1) for norm1, norm2 and the final norm, still modulated by adaLN;
+- `rope=True`: 2D RoPE of EVA-02 (`VisionRotaryEmbeddingFast`, freqs_for='lang', theta 10000)
+  on q and k after the optional QK-norm: head_dim/2 channels per axis, the first half rotating
+  with the row, frequencies repeated for interleaved pairs; its cos/sin tables are buffers
+  (`feat_rope.freqs_cos/sin` in the official state_dict); the absolute pos_embed is still added;
+- `qk_norm=True`: RMSNorm over head_dim on q and k (off in the released model).
+Named sizes: S, B, L, XL (DiT) and 1p0B, 1p6B (LightningDiT), each with any patch size.
+
+Time (DESIGN.md): the network takes flow time t in [0, 1] (t = 1 is noise) and embeds
+`t * time_scale`; `time_scale = 1000` puts t on the scale of DiT's integer steps.
+`time_convention="t0_noise"` wraps a network trained the SiT/LightningDiT way (x_t = t x_data +
+(1 - t) eps, target x_data - eps, t fed raw, so `time_scale = 1`): it embeds (1 - t) * time_scale
+and returns the negated output, so from outside it is a t = 1 noise model predicting
+v = eps - x0, while its weights stay exactly the official ones.
+
+`remat=True` rematerialises every block in the backward pass (nnx.remat). Images are NHWC.
 """
 import math
 
@@ -25,15 +45,23 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-# name: (depth, hidden_size, num_heads), from DiT models.py.
+# name: (depth, hidden_size, num_heads), from DiT models.py and LightningDiT models/lightningdit.py.
 DIT_SIZES = {
     "S": (12, 384, 6),
     "B": (12, 768, 12),
     "L": (24, 1024, 16),
     "XL": (28, 1152, 16),
+    "1p0B": (24, 1536, 24),
+    "1p6B": (28, 1792, 28),
 }
 
 TIME_FREQUENCY_DIM = 256
+
+# The options beyond DiT, at their DiT values; a model config without them is a DiT.
+OPTIONS = dict(mlp="gelu", norm="layernorm", rope=False, qk_norm=False,
+               time_convention="t1_noise", remat=False)
+CHOICES = dict(mlp=("gelu", "swiglu"), norm=("layernorm", "rmsnorm"),
+               time_convention=("t1_noise", "t0_noise"))
 
 
 class Buffer(nnx.Variable):
@@ -41,7 +69,8 @@ class Buffer(nnx.Variable):
 
 
 def dit_config(name: str = "XL/2", **overrides) -> ml_collections.ConfigDict:
-  """Model config for a named DiT size, e.g. "XL/2" or "S/8", with DiT's ImageNet defaults."""
+  """Model config for a named size and patch, e.g. "XL/2", "S/8" or "1p6B/1", with DiT's
+  ImageNet-256 defaults (32x32x4 SD-VAE latents, learned sigma, integer-step time scale)."""
   size, patch = name.split("/")
   if size not in DIT_SIZES:
     raise ValueError(f"unknown DiT size {size!r}; known: {sorted(DIT_SIZES)}")
@@ -49,9 +78,32 @@ def dit_config(name: str = "XL/2", **overrides) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(dict(
       name="dit", input_size=32, in_channels=4, patch_size=int(patch), hidden_size=hidden,
       depth=depth, num_heads=heads, mlp_ratio=4.0, num_classes=1000, class_dropout=0.1,
-      learn_sigma=True, time_scale=1000.0, dtype="float32"))
+      learn_sigma=True, time_scale=1000.0, dtype="float32", **OPTIONS))
   config.update(overrides)
   return config
+
+
+def sit_config(name: str = "XL/2", **overrides) -> ml_collections.ConfigDict:
+  """SiT: DiT's network with t fed raw and t = 0 noise (willisma/SiT). Learned sigma is on, as
+  in the released SiT-XL-2-256 (8 output channels; SiT discards the second half)."""
+  return dit_config(name, **{"time_convention": "t0_noise", "time_scale": 1.0, **overrides})
+
+
+def lightningdit_config(name: str = "XL/1", **overrides) -> ml_collections.ConfigDict:
+  """LightningDiT as released (configs/lightningdit_xl_vavae_f16d32.yaml): SwiGLU, RMSNorm,
+  RoPE, no QK-norm, no learned sigma, on VA-VAE f16d32 latents (16x16x32 at 256px)."""
+  return dit_config(name, **{
+      "input_size": 16, "in_channels": 32, "learn_sigma": False, "mlp": "swiglu",
+      "norm": "rmsnorm", "rope": True, "time_convention": "t0_noise", "time_scale": 1.0,
+      **overrides})
+
+
+def option(config, key):
+  """config[key], or its DiT value for configs written before the option existed."""
+  value = config.get(key, OPTIONS[key])
+  if key in CHOICES and value not in CHOICES[key]:
+    raise ValueError(f"model.{key}={value!r}; choose from {', '.join(CHOICES[key])}")
+  return value
 
 
 def _xavier(in_axis=-2, out_axis=-1):
@@ -78,6 +130,25 @@ def _layer_norm(x, eps=1e-6):
   mean = x32.mean(-1, keepdims=True)
   var = jnp.square(x32 - mean).mean(-1, keepdims=True)
   return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """LLaMA RMSNorm (LightningDiT models/rmsnorm.py): x * rsqrt(mean(x^2) + eps) in float32,
+  cast back, times `scale` (the official `weight`, initialised to 1)."""
+
+  def __init__(self, dim, name, eps=1e-6):
+    self.eps = eps
+    self.scale = nnx.Param(nnx.with_partitioning(jax.nn.initializers.ones, (name,))(None, (dim,)))
+
+  def __call__(self, x):
+    x32 = _at_least_f32(x)
+    ms = jnp.square(x32).mean(-1, keepdims=True)
+    return (x32 * jax.lax.rsqrt(ms + self.eps)).astype(x.dtype) * self.scale[...].astype(x.dtype)
+
+
+def _norm(norm, x):
+  """DiT's affine-free LayerNorm where `norm` is None, else the RMSNorm module."""
+  return _layer_norm(x) if norm is None else norm(x)
 
 
 def _modulate(x, shift, scale):
@@ -108,18 +179,54 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> np.ndarray:
   return np.concatenate([one_axis(grid_w), one_axis(grid_h)], axis=1)
 
 
-class Attention(nnx.Module):
-  """timm Attention with fused qkv and bias, through jax.nn.dot_product_attention."""
+def rope_tables(head_dim: int, grid_size: int, theta: float = 10000.0):
+  """EVA-02 VisionRotaryEmbeddingFast(dim=head_dim/2, pt_seq_len=grid_size), freqs_for='lang':
+  (freqs_cos, freqs_sin), each [grid_size**2, head_dim], float64 NumPy.
 
-  def __init__(self, dim, num_heads, *, dtype, rngs):
+  Per axis, frequencies 1/theta**(2i/(head_dim/2)) are each repeated for an interleaved pair;
+  the first head_dim/2 channels take the row (h) index, the last the column (w) index, over
+  row-major tokens (broadcat of freqs[:, None] and freqs[None, :]).
+  """
+  dim = head_dim // 2
+  freqs = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+  axis = np.repeat(np.arange(grid_size, dtype=np.float64)[:, None] * freqs[None], 2, axis=1)
+  shape = (grid_size, grid_size, dim)
+  angles = np.concatenate([np.broadcast_to(axis[:, None], shape),
+                           np.broadcast_to(axis[None, :], shape)], axis=-1)
+  angles = angles.reshape(grid_size * grid_size, head_dim)
+  return np.cos(angles), np.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+  """x * cos + rotate_half(x) * sin over [B, N, heads, head_dim], with EVA-02's interleaved
+  rotate_half: each pair (x1, x2) -> (-x2, x1). Computed in (at least) float32."""
+  x32 = _at_least_f32(x)
+  pairs = x32.reshape(x.shape[:-1] + (-1, 2))
+  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+  out = x32 * cos[:, None].astype(x32.dtype) + rotated * sin[:, None].astype(x32.dtype)
+  return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """timm Attention with fused qkv and bias, optional QK-norm and RoPE, through
+  jax.nn.dot_product_attention."""
+
+  def __init__(self, dim, num_heads, *, qk_norm=False, dtype, rngs):
     self.num_heads = num_heads
     self.qkv = _linear(dim, 3 * dim, ("embed", "heads"), rngs, dtype)
     self.proj = _linear(dim, dim, ("heads", "embed"), rngs, dtype)
+    self.q_norm = RMSNorm(dim // num_heads, None) if qk_norm else None
+    self.k_norm = RMSNorm(dim // num_heads, None) if qk_norm else None
 
-  def __call__(self, x):
+  def __call__(self, x, rope=None):
     b, n, d = x.shape
     qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    if rope is not None:
+      q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    out = jax.nn.dot_product_attention(q, k, v)
     return self.proj(out.reshape(b, n, d))
 
 
@@ -134,19 +241,39 @@ class Mlp(nnx.Module):
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
 
 
+class SwiGLU(nnx.Module):
+  """SwiGLUFFN (LightningDiT models/swiglu_ffn.py): w12 -> silu(x1) * x2 -> w3, with biases."""
+
+  def __init__(self, dim, hidden, *, dtype, rngs):
+    self.w12 = _linear(dim, 2 * hidden, ("embed", "mlp"), rngs, dtype)
+    self.w3 = _linear(hidden, dim, ("mlp", "embed"), rngs, dtype)
+
+  def __call__(self, x):
+    x1, x2 = jnp.split(self.w12(x), 2, axis=-1)
+    return self.w3(jax.nn.silu(x1) * x2)
+
+
 class DiTBlock(nnx.Module):
   """x += gate_msa * attn(modulate(norm1(x))); x += gate_mlp * mlp(modulate(norm2(x)))."""
 
-  def __init__(self, dim, num_heads, mlp_ratio, *, dtype, rngs):
-    self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs)
-    self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
+  def __init__(self, dim, num_heads, mlp_ratio, *, mlp="gelu", norm="layernorm", qk_norm=False,
+               dtype, rngs):
+    self.norm1 = RMSNorm(dim, "embed") if norm == "rmsnorm" else None
+    self.norm2 = RMSNorm(dim, "embed") if norm == "rmsnorm" else None
+    self.attn = Attention(dim, num_heads, qk_norm=qk_norm, dtype=dtype, rngs=rngs)
+    hidden = int(dim * mlp_ratio)
+    if mlp == "swiglu":
+      self.mlp = SwiGLU(dim, int(2 / 3 * hidden), dtype=dtype, rngs=rngs)
+    else:
+      self.mlp = Mlp(dim, hidden, dtype=dtype, rngs=rngs)
     self.adaLN_modulation = _linear(dim, 6 * dim, ("embed", "mlp"), rngs, dtype, zero=True)
 
-  def __call__(self, x, c):
+  def __call__(self, x, c, rope=None):
     mod = self.adaLN_modulation(jax.nn.silu(c))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-    x = x + gate_msa[:, None] * self.attn(_modulate(_layer_norm(x), shift_msa, scale_msa))
-    x = x + gate_mlp[:, None] * self.mlp(_modulate(_layer_norm(x), shift_mlp, scale_mlp))
+    x = x + gate_msa[:, None] * self.attn(
+        _modulate(_norm(self.norm1, x), shift_msa, scale_msa), rope)
+    x = x + gate_mlp[:, None] * self.mlp(_modulate(_norm(self.norm2, x), shift_mlp, scale_mlp))
     return x
 
 
@@ -161,19 +288,29 @@ class TimestepEmbedder(nnx.Module):
 
 
 class FinalLayer(nnx.Module):
-  def __init__(self, dim, patch_size, out_channels, *, dtype, rngs):
+  def __init__(self, dim, patch_size, out_channels, *, norm="layernorm", dtype, rngs):
+    self.norm_final = RMSNorm(dim, "embed") if norm == "rmsnorm" else None
     self.adaLN_modulation = _linear(dim, 2 * dim, ("embed", "mlp"), rngs, dtype, zero=True)
     self.linear = _linear(dim, patch_size * patch_size * out_channels, ("embed", None), rngs,
                           dtype, zero=True)
 
   def __call__(self, x, c):
     shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(c)), 2, axis=-1)
-    return self.linear(_modulate(_layer_norm(x), shift, scale))
+    return self.linear(_modulate(_norm(self.norm_final, x), shift, scale))
+
+
+class RotaryTables(nnx.Module):
+  """The freqs_cos / freqs_sin buffers of EVA-02's VisionRotaryEmbeddingFast."""
+
+  def __init__(self, head_dim, grid_size):
+    cos, sin = rope_tables(head_dim, grid_size)
+    self.freqs_cos = Buffer(jnp.asarray(cos, jnp.float32))
+    self.freqs_sin = Buffer(jnp.asarray(sin, jnp.float32))
 
 
 class DiT(nnx.Module):
-  """DiT over NHWC inputs; `__call__(x, t, labels, train)` returns NHWC outputs with
-  `out_channels` = 2 * in_channels when `learn_sigma`, else in_channels."""
+  """DiT / SiT / LightningDiT over NHWC inputs; `__call__(x, t, labels, train)` returns NHWC
+  outputs with `out_channels` = 2 * in_channels when `learn_sigma`, else in_channels."""
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     c = config
@@ -181,6 +318,9 @@ class DiT(nnx.Module):
       raise ValueError(f"input_size {c.input_size} is not divisible by patch_size {c.patch_size}")
     if c.hidden_size % c.num_heads:
       raise ValueError(f"hidden_size {c.hidden_size} is not divisible by num_heads {c.num_heads}")
+    head_dim = c.hidden_size // c.num_heads
+    if option(c, "rope") and head_dim % 4:
+      raise ValueError(f"RoPE needs head_dim ({head_dim}) divisible by 4")
     dtype = jnp.dtype(c.dtype)
     d = c.hidden_size
     self.patch_size = c.patch_size
@@ -188,6 +328,8 @@ class DiT(nnx.Module):
     self.out_channels = c.in_channels * (2 if c.learn_sigma else 1)
     self.num_classes = c.num_classes
     self.time_scale = float(c.time_scale)
+    self.time_convention = option(c, "time_convention")
+    self.remat = option(c, "remat")
     self.grid_size = c.input_size // c.patch_size
     self.x_embedder = nnx.Conv(
         c.in_channels, d, (c.patch_size, c.patch_size), strides=c.patch_size, padding="VALID",
@@ -201,9 +343,13 @@ class DiT(nnx.Module):
         table_rows, d, dtype=dtype, rngs=rngs,
         embedding_init=nnx.with_partitioning(jax.nn.initializers.normal(0.02), ("vocab", "embed")))
     self.pos_embed = Buffer(jnp.asarray(sincos_pos_embed_2d(d, self.grid_size), jnp.float32))
-    self.blocks = nnx.List([DiTBlock(d, c.num_heads, c.mlp_ratio, dtype=dtype, rngs=rngs)
-                            for _ in range(c.depth)])
-    self.final_layer = FinalLayer(d, c.patch_size, self.out_channels, dtype=dtype, rngs=rngs)
+    self.feat_rope = RotaryTables(head_dim, self.grid_size) if option(c, "rope") else None
+    self.blocks = nnx.List([
+        DiTBlock(d, c.num_heads, c.mlp_ratio, mlp=option(c, "mlp"), norm=option(c, "norm"),
+                 qk_norm=option(c, "qk_norm"), dtype=dtype, rngs=rngs)
+        for _ in range(c.depth)])
+    self.final_layer = FinalLayer(d, c.patch_size, self.out_channels, norm=option(c, "norm"),
+                                  dtype=dtype, rngs=rngs)
 
   def unpatchify(self, x):
     """[B, h*w, p*p*C] with index (p_row, q_col, c) -> [B, h*p, w*p, C]."""
@@ -218,32 +364,47 @@ class DiT(nnx.Module):
     classifier-free guidance is the objective's job (it owns the random key).
     """
     del train
+    flip = self.time_convention == "t0_noise"
+    if flip:
+      t = 1 - t
     h = self.x_embedder(x)
     h = h.reshape(h.shape[0], -1, h.shape[-1]) + self.pos_embed[...].astype(h.dtype)
     c = self.t_embedder(t * self.time_scale) + self.y_embedder(labels)
+    rope = None
+    if self.feat_rope is not None:
+      rope = (self.feat_rope.freqs_cos[...], self.feat_rope.freqs_sin[...])
+    block_fn = lambda block, h, c, rope: block(h, c, rope)
+    if self.remat:
+      block_fn = nnx.remat(block_fn)
     for block in self.blocks:
-      h = block(h, c)
-    return _at_least_f32(self.unpatchify(self.final_layer(h, c)))
+      h = block_fn(block, h, c, rope)
+    out = _at_least_f32(self.unpatchify(self.final_layer(h, c)))
+    return -out if flip else out
 
 
 def count_params(config) -> int:
-  """Number of parameters including the pos_embed buffer, as in the official state_dict."""
+  """Parameters as torch's `model.parameters()` counts them in the official code: the nnx.Params
+  plus pos_embed (an nn.Parameter with requires_grad=False there); RoPE tables are buffers."""
   model = nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0)))
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model)))
+  params = jax.tree.leaves(nnx.state(model, nnx.Param))
+  return sum(int(np.prod(x.shape)) for x in params) + int(np.prod(model.pos_embed.shape))
 
 
 def forward_flops(config) -> float:
   """Forward FLOPs per image (2 per multiply-accumulate), counted from the module shapes.
 
   DiT's "Gflops" are multiply-accumulates: XL/2 at 256px is 118.6 GMACs, i.e. ~237 GFLOP
-  (reference/generators.md §1.2). A training step costs ~3x the forward pass without remat.
+  (reference/generators.md §1.2). A training step costs ~3x the forward pass without remat
+  (~4x with it). SwiGLU's H = 2/3 * 4D keeps the MLP's MACs; norms and RoPE are elementwise
+  and not counted.
   """
   c = config
   d, p = c.hidden_size, c.patch_size
   tokens = (c.input_size // p) ** 2
   out_channels = c.in_channels * (2 if c.learn_sigma else 1)
   hidden = int(d * c.mlp_ratio)
-  per_block = (tokens * (3 * d * d + d * d + 2 * d * hidden)   # qkv, proj, fc1 + fc2
+  mlp = 3 * d * int(2 / 3 * hidden) if option(c, "mlp") == "swiglu" else 2 * d * hidden
+  per_block = (tokens * (3 * d * d + d * d + mlp)                # qkv, proj, MLP
                + 2 * tokens * tokens * d                      # q k^T and attention @ v
                + d * 6 * d)                                   # adaLN modulation
   macs = (tokens * p * p * c.in_channels * d                  # patch embedding

@@ -13,8 +13,8 @@ def test_demo_writes_grid_metrics_and_resumes(tiny_config, tmp_path, capsys):
   with open(os.path.join(workdir, "metrics.json")) as f:
     saved = json.load(f)
   assert saved == json.loads(json.dumps(results))
-  assert sorted(saved["euler"], key=int) == ["1", "2", "4"]
-  assert sorted(saved["heun"], key=int) == ["2", "4"]  # 2 NFE per Heun step: no 1-NFE entry
+  assert sorted(saved["euler"], key=int) == ["1", "2"]
+  assert sorted(saved["heun"], key=int) == ["2"]  # 2 NFE per Heun step: no 1-NFE entry
   for entry in [saved["floor"], *saved["euler"].values(), *saved["heun"].values()]:
     assert entry["fid"] >= 0 and 0 <= entry["accuracy"] <= 1
   assert saved["floor"]["accuracy"] > 0.95  # the classifier recognises real training digits

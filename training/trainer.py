@@ -19,6 +19,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -26,11 +27,11 @@ from flax import nnx
 from tesserax.data import pipeline
 from tesserax.errors import TesseraxError
 from tesserax.generators import dit
-from tesserax.generators.objectives import rectified_flow
+from tesserax.generators.objectives import ddpm, rectified_flow
 from tesserax.training import checkpoint, config as config_lib, evaluators, optim, sharding
 
 MODELS = {"dit": dit.DiT}
-OBJECTIVES = {"rectified_flow": rectified_flow}
+OBJECTIVES = {"rectified_flow": rectified_flow, "ddpm": ddpm}
 
 
 def build_model(model_config, seed: int = 0):
@@ -297,8 +298,6 @@ def generate(setup, params, labels, key, solver, num_steps, shift=1.0, cfg_scale
 
 def load_workdir(workdir: str):
   """(setup, state) of the latest checkpoint of a training workdir, on all devices."""
-  from tesserax.training import config as config_lib
-  import ml_collections
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise TesseraxError(f"not a training workdir (no config.json): {workdir}")

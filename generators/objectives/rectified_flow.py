@@ -5,6 +5,11 @@ v = eps - x0 (Liu et al. 2023; Lipman et al. 2023; the REPA/SD3 orientation).
 Timesteps are logit-normal, t = sigmoid(N(mean, std)) (SD3 §3.1; LightningDiT "lognorm"),
 or uniform. Labels are replaced by the null class with probability `class_dropout` so one
 network serves classifier-free guidance (DiT LabelEmbedder.token_drop).
+
+`objective.cosine_loss=True` adds LightningDiT's velocity-direction loss (transport/transport.py
+`use_cosine_loss`, reference/generators.md §2.2): mean(1 - cos(v_pred, v)), the cosine taken
+along channels at every position (torch cosine_similarity, eps 1e-8), with weight 1 next to the
+MSE. Both velocities change sign between conventions, so the cosine is convention-free.
 """
 import jax
 import jax.numpy as jnp
@@ -33,8 +38,15 @@ def velocity(model, x, t, labels):
   return model(x, t, labels)[..., :x.shape[-1]]
 
 
+def cosine_similarity(a, b, eps=1e-8):
+  """Cosine along the last (channel) axis, each norm clamped to eps as in torch (so a zero
+  vector, e.g. the zero-initialised output, has finite gradients)."""
+  norm = lambda v: jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(v), axis=-1), eps * eps))
+  return jnp.sum(a * b, axis=-1) / (norm(a) * norm(b))
+
+
 def loss(model, batch, key, *, objective, num_classes, class_dropout):
-  """Mean squared velocity error; returns (loss, metrics)."""
+  """Mean squared velocity error (plus the optional cosine loss); returns (loss, metrics)."""
   x0, labels = batch["image"], batch["label"]
   key_t, key_eps, key_drop = jax.random.split(key, 3)
   t = sample_time(key_t, x0.shape[0], objective)
@@ -43,5 +55,9 @@ def loss(model, batch, key, *, objective, num_classes, class_dropout):
   x_t = (1 - tb) * x0 + tb * eps
   labels = drop_labels(key_drop, labels, class_dropout, num_classes)
   pred = velocity(model, x_t, t, labels)
-  mse = jnp.mean(jnp.square(pred - (eps - x0)))
-  return mse, {"loss": mse}
+  target = eps - x0
+  mse = jnp.mean(jnp.square(pred - target))
+  if not objective.get("cosine_loss", False):
+    return mse, {"loss": mse}
+  cosine = jnp.mean(1 - cosine_similarity(pred, target))
+  return mse + cosine, {"loss": mse + cosine, "mse": mse, "cosine": cosine}

@@ -1,0 +1,107 @@
+"""DDPM epsilon prediction with a learned-range variance: DiT's objective (diffusion/
+gaussian_diffusion.py training_losses, from improved-diffusion; reference/generators.md §1.5).
+
+x_k = sqrt(ab_k) x0 + sqrt(1 - ab_k) eps on DiT's 1000 linear betas (sampling/ddpm.py), with k
+uniform in {0, ..., 999}. The network outputs [eps | v] (model.learn_sigma) and takes k / 1000
+as its time input, so a DiT with time_scale 1000 embeds the integer step k as DiT does.
+
+  loss = mean(MSE(eps_pred, eps) + VB),
+
+VB being KL(q(x_{k-1} | x_k, x0) || p(x_{k-1} | x_k)) in bits per dimension, or the discretised
+Gaussian decoder NLL at k = 0, with p's mean from stop_gradient(eps_pred) (`frozen_out`) so that
+it trains the variance only; RESCALED_MSE is off.
+
+`velocity` expresses the model in tesserax's flow convention (DESIGN.md) for the flow samplers.
+The DDPM path is the flow path x_t = (1 - t) x0 + t eps rescaled: x_k = x_t / r with
+r = sqrt((1 - t)^2 + t^2), at the step whose alpha_bar is (1 - t)^2 / r^2 (log-SNR
+2 log((1 - t) / t)). Then x0 = (x_t - t eps) / (1 - t) and v = eps - x0.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tesserax.generators.objectives.rectified_flow import drop_labels
+from tesserax.sampling import ddpm as diffusion
+
+TABLES = diffusion.diffusion_tables(diffusion.linear_betas())
+_AB = TABLES["alphas_cumprod"]
+# Per step k: log-SNR (decreasing in k) and flow time t = sqrt(1 - ab) / (sqrt(ab) + sqrt(1 - ab)).
+LOG_SNR = np.log(_AB) - np.log1p(-_AB)
+FLOW_TIME = np.sqrt(1 - _AB) / (np.sqrt(_AB) + np.sqrt(1 - _AB))
+
+
+def predict(model, x, steps, labels):
+  """The network output [eps | v] at DDPM steps `steps` ([B], integer-valued or not)."""
+  return model(x, steps / diffusion.NUM_TIMESTEPS, labels)
+
+
+def velocity(model, x, t, labels):
+  """v = eps - x0 at flow time t from the epsilon prediction at the matching DDPM step.
+
+  t is clamped to [t(0), t(999)] ~ [0.0099, 0.9937], the range of the discrete process (a DDPM
+  chain, too, starts from pure noise at step 999); between steps the step is interpolated
+  linearly in log-SNR.
+  """
+  t = jnp.clip(t, FLOW_TIME[0], FLOW_TIME[-1])
+  log_snr = 2 * (jnp.log1p(-t) - jnp.log(t))
+  steps = jnp.interp(log_snr, LOG_SNR[::-1], np.arange(diffusion.NUM_TIMESTEPS)[::-1])
+  t = t.reshape((-1,) + (1,) * (x.ndim - 1))
+  r = jnp.sqrt(jnp.square(1 - t) + jnp.square(t))
+  eps = predict(model, x / r, steps, labels)[..., :x.shape[-1]]
+  return eps - (x - t * eps) / (1 - t)
+
+
+def normal_kl(mean1, log_var1, mean2, log_var2):
+  """KL(N(mean1, e^log_var1) || N(mean2, e^log_var2)), elementwise (diffusion/losses.py)."""
+  return 0.5 * (-1.0 + log_var2 - log_var1 + jnp.exp(log_var1 - log_var2)
+                + jnp.square(mean1 - mean2) * jnp.exp(-log_var2))
+
+
+def _approx_standard_normal_cdf(x):
+  return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_scale):
+  """log P(x) for x in [-1, 1] on 256 bins of width 2/255 under N(mean, e^(2 log_scale)), the
+  edge bins open-ended, with the tanh approximation of the normal CDF (diffusion/losses.py)."""
+  centered = x - mean
+  inv_std = jnp.exp(-log_scale)
+  cdf_plus = _approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+  cdf_min = _approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+  log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
+  log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
+  log_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
+  return jnp.where(x < -0.999, log_cdf_plus,
+                   jnp.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+def vb_terms(x0, x_k, steps, out):
+  """DiT's _vb_terms_bpd per example ([B], bits per dimension) for model output `out`."""
+  axes = tuple(range(1, x0.ndim))
+  true_mean, true_log_var = diffusion.q_posterior(TABLES, x0, x_k, steps)
+  mean, log_var, _ = diffusion.p_mean_variance(TABLES, out, x_k, steps)
+  kl = normal_kl(true_mean, true_log_var, mean, log_var).mean(axes) / math.log(2.0)
+  nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).mean(axes) / math.log(2.0)
+  return jnp.where(steps == 0, nll, kl)
+
+
+def loss(model, batch, key, *, objective, num_classes, class_dropout):
+  """MSE on epsilon plus the variational bound on the variance; returns (loss, metrics)."""
+  del objective  # DiT's process has no settings to choose
+  x0, labels = batch["image"], batch["label"]
+  key_k, key_eps, key_drop = jax.random.split(key, 3)
+  steps = jax.random.randint(key_k, (x0.shape[0],), 0, diffusion.NUM_TIMESTEPS)
+  eps = jax.random.normal(key_eps, x0.shape, x0.dtype)
+  x_k = (diffusion.gather(TABLES, "sqrt_alphas_cumprod", steps, x0.ndim) * x0
+         + diffusion.gather(TABLES, "sqrt_one_minus_alphas_cumprod", steps, x0.ndim) * eps)
+  labels = drop_labels(key_drop, labels, class_dropout, num_classes)
+  out = predict(model, x_k, steps, labels)
+  channels = x0.shape[-1]
+  eps_pred = out[..., :channels]
+  mse = jnp.square(eps - eps_pred).mean(tuple(range(1, x0.ndim)))
+  frozen = jnp.concatenate([jax.lax.stop_gradient(eps_pred), out[..., channels:]], axis=-1)
+  vb = vb_terms(x0, x_k, steps, frozen)
+  total = jnp.mean(mse + vb)
+  return total, {"loss": total, "mse": jnp.mean(mse), "vb": jnp.mean(vb)}
