@@ -1,5 +1,6 @@
-"""DiT against the official architecture: parameter counts, init, embeddings, and a float64
-NumPy forward pass written from reference/generators.md §1.3 in the official (torch) layout."""
+"""DiT against the official architecture: parameter counts, init, embeddings, FLOPs, and the
+float64 NumPy forward of tests/test_dit_family.py (written from reference/generators.md §1.3 in
+the official torch layout) at the model's own float64 and float32 precision."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 from flax import nnx
 
 from tesserax.generators import dit
+from test_dit_family import numpy_forward  # the official forward in float64 NumPy
 
 SMALL = dict(input_size=8, in_channels=3, patch_size=2, hidden_size=32, depth=2, num_heads=4,
              num_classes=5, learn_sigma=True)
@@ -87,51 +89,6 @@ def _to_torch_layout(state):
   return {k: np.asarray(v, np.float64) for k, v in sd.items()}
 
 
-def _numpy_dit_forward(sd, x_nchw, t_int, y, *, depth, heads, patch, out_channels):
-  """The official DiT forward in float64 NumPy, NCHW in and out (models.py semantics)."""
-  linear = lambda h, name: h @ sd[f"{name}.weight"].T + sd[f"{name}.bias"]
-  silu = lambda h: h / (1 + np.exp(-h))
-  gelu = lambda h: 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
-  def layer_norm(h):
-    mu = h.mean(-1, keepdims=True)
-    return (h - mu) / np.sqrt(((h - mu) ** 2).mean(-1, keepdims=True) + 1e-6)
-  modulate = lambda h, shift, scale: h * (1 + scale[:, None]) + shift[:, None]
-  n, c, hh, ww = x_nchw.shape
-  gh, gw = hh // patch, ww // patch
-  w = sd["x_embedder.proj.weight"]
-  tokens = np.zeros((n, gh * gw, w.shape[0]))
-  for i in range(gh):
-    for j in range(gw):
-      crop = x_nchw[:, :, i * patch:(i + 1) * patch, j * patch:(j + 1) * patch]
-      tokens[:, i * gw + j] = np.einsum("ncab,dcab->nd", crop, w) + sd["x_embedder.proj.bias"]
-  h = tokens + sd["pos_embed"]
-  half = 128
-  freqs = np.exp(-np.log(10000) * np.arange(half) / half)
-  args = t_int[:, None] * freqs[None]
-  t_freq = np.concatenate([np.cos(args), np.sin(args)], -1)
-  cond = linear(silu(linear(t_freq, "t_embedder.mlp.0")), "t_embedder.mlp.2")
-  cond = cond + sd["y_embedder.embedding_table.weight"][y]
-  d = h.shape[-1]
-  hd = d // heads
-  for i in range(depth):
-    mod = linear(silu(cond), f"blocks.{i}.adaLN_modulation.1")
-    s_msa, sc_msa, g_msa, s_mlp, sc_mlp, g_mlp = np.split(mod, 6, axis=-1)
-    a = modulate(layer_norm(h), s_msa, sc_msa)
-    qkv = linear(a, f"blocks.{i}.attn.qkv").reshape(n, -1, 3, heads, hd).transpose(2, 0, 3, 1, 4)
-    q, k, v = qkv
-    logits = q @ k.transpose(0, 1, 3, 2) * hd ** -0.5
-    p = np.exp(logits - logits.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    attn = (p @ v).transpose(0, 2, 1, 3).reshape(n, -1, d)
-    h = h + g_msa[:, None] * linear(attn, f"blocks.{i}.attn.proj")
-    m = modulate(layer_norm(h), s_mlp, sc_mlp)
-    h = h + g_mlp[:, None] * linear(gelu(linear(m, f"blocks.{i}.mlp.fc1")), f"blocks.{i}.mlp.fc2")
-  shift, scale = np.split(linear(silu(cond), "final_layer.adaLN_modulation.1"), 2, axis=-1)
-  out = linear(modulate(layer_norm(h), shift, scale), "final_layer.linear")
-  out = out.reshape(n, gh, gw, patch, patch, out_channels)
-  return np.einsum("nhwpqc->nchpwq", out).reshape(n, out_channels, gh * patch, gw * patch)
-
-
 # float64 is limited by the float32 softmax inside jax.nn.dot_product_attention; a layout error
 # would show up as O(1) differences.
 @pytest.mark.parametrize("dtype,rtol", [("float64", 2e-6), ("float32", 3e-5)])
@@ -157,9 +114,8 @@ def _check_forward(dtype, rtol):
   with jax.default_matmul_precision("highest"):
     ours = np.asarray(model(jnp.asarray(x), jnp.asarray(t), jnp.asarray(y)), np.float64)
   sd = _to_torch_layout(nnx.to_pure_dict(nnx.state(model)))
-  ref = _numpy_dit_forward(sd, x.transpose(0, 3, 1, 2).astype(np.float64),
-                           t.astype(np.float64) * 1000.0, y, depth=2, heads=4, patch=2,
-                           out_channels=6)
+  ref = numpy_forward(sd, x.transpose(0, 3, 1, 2).astype(np.float64),
+                      t.astype(np.float64) * 1000.0, y, depth=2, heads=4, patch=2, out_channels=6)
   ref = ref.transpose(0, 2, 3, 1)
   assert ours.shape == (3, 8, 8, 6)
   # Relative to the output's scale: float32 rounding of O(10) activations is ~1e-6 of it.
