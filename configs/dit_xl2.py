@@ -46,6 +46,6 @@ def get_config(arg="256"):
   config.checkpoint.every_steps = 50_000
   config.checkpoint.keep_every = 500_000
   config.sample.every_steps = 0  # a grid of 1000 classes is an evaluation job here
-  config.eval = dict(sampler="ddpm", num_steps=250, cfg_scale=1.5, guided_channels=3,
-                     num_samples=50_000)
+  config.eval.update(dict(sampler="ddpm", num_steps=250, cfg_scale=1.5, guided_channels=3,
+                     num_samples=50_000))
   return config

@@ -51,7 +51,7 @@ def get_config(arg="64ep"):
   config.checkpoint.every_steps = 10_000
   config.checkpoint.keep_every = 100_000
   config.sample.every_steps = 0  # a grid of 1000 classes is an evaluation job here
-  config.eval = dict(sampler="euler", num_steps=250, shift=1 / 0.3, cfg_scale=cfg_scale,
+  config.eval.update(dict(sampler="euler", num_steps=250, shift=1 / 0.3, cfg_scale=cfg_scale,
                      interval=(0.0, 1.0 - interval_start), guided_channels=3,
-                     num_samples=50_000)
+                     num_samples=50_000))
   return config

@@ -40,6 +40,6 @@ def get_config(arg=None):
   config.checkpoint.every_steps = 50_000
   config.checkpoint.keep_every = 500_000
   config.sample.every_steps = 0  # a grid of 1000 classes is an evaluation job here
-  config.eval = dict(sampler="heun", num_steps=125, shift=1.0, cfg_scale=1.5,
-                     interval=(0.0, 1.0), guided_channels=3, num_samples=50_000)
+  config.eval.update(dict(sampler="heun", num_steps=125, shift=1.0, cfg_scale=1.5,
+                     interval=(0.0, 1.0), guided_channels=3, num_samples=50_000))
   return config

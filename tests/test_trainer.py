@@ -217,3 +217,21 @@ def test_help_of_every_command():
     out = subprocess.run([sys.executable, "-m", "tesserax.cli", *args, "--help"], env=ENV,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "usage: tesserax" in out.stdout, args
+
+
+def test_every_recipe_has_the_trainer_keys():
+  """Each packaged config overrides base_config's keys, never drops one."""
+  from tesserax.training import config as config_lib
+
+  def paths(tree, prefix=""):
+    out = set()
+    for key, value in tree.items():
+      out |= paths(value, f"{prefix}{key}.") if hasattr(value, "items") else {prefix + key}
+    return out
+
+  required = paths(config_lib.base_config())
+  names = [f[:-3] for f in os.listdir(config_lib.CONFIGS_DIR) if f.endswith(".py") and f[0] != "_"]
+  assert len(names) >= 5
+  for name in names:
+    missing = required - paths(config_lib.load(name))
+    assert not missing, (name, sorted(missing))
