@@ -16,6 +16,7 @@ from tesserax.errors import TesseraxError
 from tesserax.generators.objectives import ddpm, rectified_flow
 from tesserax.sampling import ddpm as sampling_ddpm
 from tesserax.sampling import guidance
+from test_sampling import gmm_velocity_np  # the exact mixture field of fewstep.md §10.1
 
 BETAS = np.linspace(1e-4, 0.02, 1000)  # DiT: 1000 linear betas
 AB = np.cumprod(1 - BETAS)
@@ -221,17 +222,7 @@ MEANS = np.array([[-1.5, 0.5, 1.0, -0.5], [1.0, -1.0, 0.0, 2.0]])
 NULL = 2
 
 
-def gmm_velocity(x, t, components):
-  """§10.1, float64: v = sum_k w_k(x) (E[eps | x, k] - E[x0 | x, k]) over `components`."""
-  w, mu, sd = WEIGHTS[components], MEANS[components], STDS[components]
-  c = (1 - t) ** 2 * sd ** 2 + t ** 2
-  diff = x[:, None, :] - (1 - t) * mu
-  log_w = np.log(w) - 0.5 * np.sum(diff ** 2, -1) / c - 0.5 * x.shape[1] * np.log(c)
-  post = np.exp(log_w - log_w.max(1, keepdims=True))
-  post /= post.sum(1, keepdims=True)
-  x0 = mu + ((1 - t) * sd ** 2 / c)[:, None] * diff
-  eps = (t / c)[:, None] * diff
-  return np.sum(post[..., None] * (eps - x0), axis=1)
+MIXTURE = dict(weights=WEIGHTS, means=MEANS, stds=STDS)
 
 
 def gmm_model(x, t_vec, labels):
@@ -253,8 +244,9 @@ LABELS = np.array([0, 1, 1, 0, 1, 0], np.int32)
 
 
 def _fields(t):
-  v_c = np.stack([gmm_velocity(X[i:i + 1], t, [y])[0] for i, y in enumerate(LABELS)])
-  return v_c, gmm_velocity(X, t, [0, 1])
+  v_c = np.stack([gmm_velocity_np(X[i:i + 1], t, [y], MIXTURE)[0]
+                  for i, y in enumerate(LABELS)])
+  return v_c, gmm_velocity_np(X, t, [0, 1], MIXTURE)
 
 
 def test_guidance_on_the_exact_mixture_field():

@@ -135,11 +135,11 @@ GMM = dict(weights=np.array([0.4, 0.6]), means=np.array([[-2.0, 1.0], [1.5, -0.5
 NULL = 2
 
 
-def gmm_velocity_np(x, t, components):
-  """§10.1 in float64 NumPy for isotropic components: the field of the mixture restricted to
+def gmm_velocity_np(x, t, components, mixture=GMM):
+  """§10.1 in float64 NumPy for isotropic components: the field of `mixture` restricted to
   `components` (one index: that class's Gaussian; all: the unconditional mixture)."""
   x = np.asarray(x, np.float64)
-  w, mu, sd = (GMM[k][components] for k in ("weights", "means", "stds"))
+  w, mu, sd = (mixture[k][components] for k in ("weights", "means", "stds"))
   m = (1 - t) * mu  # [K, D]
   c = (1 - t) ** 2 * sd ** 2 + t ** 2  # [K]
   diff = x[:, None, :] - m  # [B, K, D]
