@@ -5,9 +5,13 @@
   tesserax sample --workdir DIR --num N --sampler euler|heun --steps K [--cfg S] --out FILE.npz
   tesserax eval   --samples FILE.npz|DIR [--ref REF.npz] --metrics fid,sfid,is,pr,fd_dinov2
   tesserax eval   --samples FILE.npz --metrics fid_digits,accuracy
+  tesserax reconstruct --tokenizer DIR --data FOLDER|NAME [--split S] [--resolution R] [--num N] --out DIR
   tesserax eval-recon --originals FILE|DIR --reconstructions FILE|DIR [--metrics rfid,psnr,ssim,lpips]
+  tesserax eval-recon --tokenizer DIR --data FOLDER|NAME [--split S] [--resolution R] [--num N]
+                      [--metrics rfid,psnr,ssim,lpips]
   tesserax data build NAME [--manual_dir DIR] [--data_dir DIR] [--resolution R]
   tesserax data reference NAME --split S --resolution R --out REF.npz
+  tesserax data encode NAME --tokenizer DIR --out CACHE [--splits train] [--resolution R]
   tesserax weights fetch NAME
   tesserax convert --kind KIND --src OFFICIAL_FILE --out DIR [--stats latents_stats.pt] [--export]
 
@@ -105,11 +109,24 @@ def _parser():
                         help="Inception resize: ADM evaluator (TF1 bilinear) or pytorch-fid")
   evaluate.add_argument("--out", default=None, help="also write the results as JSON here")
 
-  recon = sub.add_parser("eval-recon", help="score reconstructions against their originals",
-                         description="rFID, PSNR (uint8), SSIM (Gaussian window, sigma 1.5) "
-                                     "and LPIPS (VGG) of paired image sets, in the same order.")
-  recon.add_argument("--originals", required=True, help="an .npz (arr_0) or an image folder")
-  recon.add_argument("--reconstructions", required=True)
+  reconstruct = sub.add_parser(
+      "reconstruct", help="reconstruct an evaluation set with a tokenizer into PNG pairs",
+      description="Encodes each image to the posterior mean and decodes it, streaming in "
+                  "batches; writes OUT/originals/NNNNN.png and OUT/reconstructions/NNNNN.png "
+                  "(the same names, for `eval-recon --originals --reconstructions`) and "
+                  "OUT/pairs.png, the first 16 pairs side by side. " + EVAL_SET_HELP)
+  _add_eval_set_flags(reconstruct)
+  reconstruct.add_argument("--out", required=True, help="a new directory")
+
+  recon = sub.add_parser(
+      "eval-recon", help="score reconstructions against their originals",
+      description="rFID, PSNR (uint8), SSIM (Gaussian window, sigma 1.5) and LPIPS (VGG) of "
+                  "paired image sets in the same order (--originals --reconstructions), or of "
+                  "a tokenizer's reconstructions of an evaluation set made on the fly, "
+                  "streaming (--tokenizer --data). " + EVAL_SET_HELP)
+  recon.add_argument("--originals", default=None, help="an .npz (arr_0) or an image folder")
+  recon.add_argument("--reconstructions", default=None, help="the same, in the same order")
+  _add_eval_set_flags(recon, required=False)
   recon.add_argument("--metrics", default="rfid,psnr,ssim,lpips")
   recon.add_argument("--out", default=None, help="also write the results as JSON here")
 
@@ -164,7 +181,46 @@ def _parser():
   ref.add_argument("--keep", type=int, default=10000, help="images kept as arr_0 (for P/R)")
   ref.add_argument("--dinov2", action="store_true", help="also FD-DINOv2 statistics")
   ref.add_argument("--out", required=True)
+  encode = data_sub.add_parser(
+      "encode", help="encode a dataset into a latent cache",
+      description="Encode a dataset once with a tokenizer into a latent cache (tfds/"
+                  "array_record; each example with its horizontally flipped copy; per-channel "
+                  "mean/std) that generators train on with --config.data.name=latents "
+                  "--config.data.data_dir=CACHE.")
+  encode.add_argument("name", choices=("digits", "image_folder", "imagenet2012"))
+  encode.add_argument("--tokenizer", required=True, help="a tokenizer directory (tesserax "
+                      "convert)")
+  encode.add_argument("--out", required=True, help="the cache directory")
+  encode.add_argument("--splits", default="train", help="comma-separated splits to encode")
+  encode.add_argument("--resolution", type=int, default=None,
+                      help="image size (default: the tokenizer's)")
+  encode.add_argument("--data_dir", default="")
+  encode.add_argument("--manual_dir", default="", help="image_folder: the folder it was built "
+                      "from")
+  encode.add_argument("--batch_size", type=int, default=64)
+  encode.add_argument("--seed", type=int, default=0)
   return parser
+
+
+EVAL_SET_HELP = (
+    "--data is an image folder (.png/.jpg/.jpeg, recursive, sorted; e.g. the extracted "
+    "ImageNet val) read as the official VA-VAE evaluation reads it (torchvision Resize + "
+    "CenterCrop to --resolution, default 256), or a prepared dataset (digits, imagenet2012) "
+    "at --resolution, default the tokenizer's.")
+
+
+def _add_eval_set_flags(parser, required=True):
+  parser.add_argument("--tokenizer", required=required, help="a tokenizer directory (tesserax "
+                      "convert)")
+  parser.add_argument("--data", required=required, help="an image folder or a dataset name")
+  parser.add_argument("--split", default=None, help="dataset split (default: digits test, "
+                      "imagenet2012 validation)")
+  parser.add_argument("--resolution", type=int, default=None,
+                      help="must equal the tokenizer's")
+  parser.add_argument("--data_dir", default="", help="default $TFDS_DATA_DIR or "
+                      "~/tensorflow_datasets")
+  parser.add_argument("--num", type=int, default=None, help="at most this many images")
+  parser.add_argument("--batch_size", type=int, default=32)
 
 
 def _initialize_distributed(args):
@@ -238,12 +294,56 @@ def _cmd_eval(args, overrides):
   _report(results, args.out)
 
 
+def _reconstruction_pairs(args):
+  """The streamed (originals, reconstructions) of --tokenizer on --data."""
+  from tesserax.convert import vae
+  from tesserax.tokenizers import reconstruct
+  if args.num is not None and args.num < 1:
+    raise TesseraxError(f"--num must be positive, got {args.num}")
+  if args.batch_size < 1:
+    raise TesseraxError(f"--batch_size must be positive, got {args.batch_size}")
+  model, _ = vae.load_tokenizer(args.tokenizer)
+  folder = os.path.isdir(args.data)
+  resolution = args.resolution or (reconstruct.OFFICIAL_RESOLUTION if folder
+                                   else model.resolution)
+  reconstruct.check_resolution(model, resolution)
+  batches, total = reconstruct.eval_set(args.data, resolution, split=args.split,
+                                        data_dir=args.data_dir, num=args.num,
+                                        batch_size=args.batch_size)
+  return reconstruct.pairs(model, batches, args.batch_size, total=total)
+
+
+def _cmd_reconstruct(args, overrides):
+  from tesserax.data.preprocess import to_model_range
+  from tesserax.eval.grid import save_grid
+  from tesserax.tokenizers import reconstruct
+  count, side_by_side = reconstruct.write_pairs(_reconstruction_pairs(args), args.out)
+  save_grid(os.path.join(args.out, "pairs.png"), to_model_range(side_by_side), nrow=4,
+            upscale=max(1, 64 // side_by_side.shape[1]))
+  print(f"wrote {count} original/reconstruction pairs and pairs.png to {args.out}")
+
+
 def _cmd_eval_recon(args, overrides):
+  import itertools
   from tesserax.eval import metrics as metrics_lib, reference
-  originals = reference.read_images(args.originals)
-  reconstructions = reference.read_images(args.reconstructions)
   metrics = [m for m in args.metrics.split(",") if m]
-  _report(metrics_lib.reconstruction_metrics(originals, reconstructions, metrics), args.out)
+  paired = args.originals is not None or args.reconstructions is not None
+  if paired == (args.tokenizer is not None or args.data is not None):
+    raise TesseraxError("eval-recon takes either --originals and --reconstructions, or "
+                        "--tokenizer and --data")
+  if paired:
+    if args.originals is None or args.reconstructions is None:
+      raise TesseraxError("--originals and --reconstructions go together")
+    originals = reference.read_images(args.originals)
+    reconstructions = reference.read_images(args.reconstructions)
+    _report(metrics_lib.reconstruction_metrics(originals, reconstructions, metrics,
+                                               num_samples=args.num), args.out)
+    return
+  if args.tokenizer is None or args.data is None:
+    raise TesseraxError("--tokenizer and --data go together")
+  first, second = itertools.tee(_reconstruction_pairs(args))
+  _report(metrics_lib.reconstruction_metrics((a for a, _ in first), (b for _, b in second),
+                                             metrics), args.out)
 
 
 def _cmd_convert(args, overrides):
@@ -270,23 +370,32 @@ def _cmd_data(args, overrides):
   if args.data_command == "reference":
     _data_reference(args)
     return
+  if args.data_command == "encode":
+    _data_encode(args)
+    return
   if args.manual_dir is not None and not os.path.isdir(args.manual_dir):
     raise TesseraxError(f"--manual_dir does not exist: {args.manual_dir}")
   pipeline.build(args.name, args.data_dir, manual_dir=args.manual_dir, resolution=args.resolution)
   print(f"prepared {args.name}")
 
 
-def _data_reference(args):
+def _data_config(name, data_dir, manual_dir, resolution, split):
   import ml_collections
+  num_classes = {"digits": 10, "imagenet2012": 1000}.get(name)
+  if num_classes is None and not os.path.isdir(manual_dir):
+    raise TesseraxError(f"{name} needs --manual_dir, the folder it was built from")
+  return ml_collections.ConfigDict(dict(
+      name=name, data_dir=data_dir, manual_dir=manual_dir, resolution=resolution, split=split,
+      random_flip=False,
+      num_classes=num_classes or len([d for d in os.listdir(manual_dir)
+                                      if os.path.isdir(os.path.join(manual_dir, d))])))
+
+
+def _data_reference(args):
   from tesserax.backbones import weights
   from tesserax.data import pipeline
   from tesserax.eval import reference
-  num_classes = {"digits": 10, "imagenet2012": 1000}.get(args.name)
-  data = ml_collections.ConfigDict(dict(
-      name=args.name, data_dir=args.data_dir, manual_dir=args.manual_dir,
-      resolution=args.resolution, split=args.split, random_flip=False,
-      num_classes=num_classes or len([d for d in os.listdir(args.manual_dir)
-                                      if os.path.isdir(os.path.join(args.manual_dir, d))])))
+  data = _data_config(args.name, args.data_dir, args.manual_dir, args.resolution, args.split)
   batches = pipeline.iterate_split(data, args.split, limit=args.num)
   ref = reference.compute(batches, dinov2=weights.load("dinov2_vitl14") if args.dinov2 else None,
                           keep_images=args.keep)
@@ -294,8 +403,26 @@ def _data_reference(args):
   print(f"wrote {args.out}")
 
 
+def _data_encode(args):
+  from tesserax.data import latents
+  splits = [s for s in args.splits.split(",") if s]
+  if not splits:
+    raise TesseraxError("--splits names no split")
+  resolution = args.resolution
+  if resolution is None:
+    config_path = os.path.join(args.tokenizer, "config.json")
+    if not os.path.isfile(config_path):
+      raise TesseraxError(f"{args.tokenizer} is not a tokenizer directory (no config.json)")
+    with open(config_path) as f:
+      resolution = json.load(f)["model"]["resolution"]
+  data = _data_config(args.name, args.data_dir, args.manual_dir, resolution, splits[0])
+  latents.encode(args.tokenizer, data, args.out, splits=splits, batch_size=args.batch_size,
+                 seed=args.seed, log=print)
+  print(f"wrote {args.out}")
+
+
 COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval,
-            "eval-recon": _cmd_eval_recon, "weights": _cmd_weights, "convert": _cmd_convert,
+            "reconstruct": _cmd_reconstruct, "eval-recon": _cmd_eval_recon, "weights": _cmd_weights, "convert": _cmd_convert,
             "data": _cmd_data}
 
 

@@ -45,10 +45,15 @@ class Classifier(nnx.Module):
     self.hidden = nnx.Linear(size * size * 64, FEATURES, precision=HIGHEST, rngs=rngs)
     self.head = nnx.Linear(FEATURES, NUM_CLASSES, precision=HIGHEST, rngs=rngs)
 
-  def features(self, x):
+  def feature_map(self, x):
+    """The last convolution's activations [N, R / 4, R / 4, 64] (the digits stand-in for a
+    foundation model's patch features in the VF loss)."""
     x = nnx.relu(self.conv1(x))
     x = nnx.relu(self.conv2(x))
-    x = nnx.relu(self.conv3(x))
+    return nnx.relu(self.conv3(x))
+
+  def features(self, x):
+    x = self.feature_map(x)
     return nnx.relu(self.hidden(x.reshape(x.shape[0], -1)))
 
   def __call__(self, x):
@@ -109,8 +114,8 @@ def _batched(fn, width, state, resolution, images):
   return np.concatenate(outputs) if outputs else np.zeros((0, width), np.float32)
 
 
-def load_digits_net(resolution: int, cache_dir=None) -> DigitsNet:
-  """The digits network for `resolution`, trained on first use and cached.
+def load_classifier(resolution: int, cache_dir=None) -> Classifier:
+  """The trained Classifier for `resolution`, trained on first use and cached.
 
   cache_dir defaults to $TESSERAX_CACHE, else ~/.cache/tesserax.
   """
@@ -129,11 +134,16 @@ def load_digits_net(resolution: int, cache_dir=None) -> DigitsNet:
     with open(tmp, "wb") as f:
       np.savez(f, **traverse_util.flatten_dict(jax.device_get(pure), sep="/"))
     os.replace(tmp, path)  # atomic, so concurrent processes never read a partial file
-
-  abstract = nnx.eval_shape(lambda: Classifier(resolution, rngs=nnx.Rngs(SEED)))
-  graphdef, state = nnx.split(abstract)
+  model = nnx.eval_shape(lambda: Classifier(resolution, rngs=nnx.Rngs(SEED)))
+  state = nnx.state(model)
   nnx.replace_by_pure_dict(state, pure)
-  state = jax.device_put(state)
+  nnx.update(model, jax.device_put(state))
+  return model
+
+
+def load_digits_net(resolution: int, cache_dir=None) -> DigitsNet:
+  """The digits network for `resolution` as host functions (see load_classifier)."""
+  graphdef, state = nnx.split(load_classifier(resolution, cache_dir))
   features = jax.jit(lambda state, x: nnx.merge(graphdef, state).features(x))
   logits = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
   return DigitsNet(

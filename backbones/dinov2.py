@@ -121,7 +121,9 @@ class DinoV2(nnx.Module):
     patch = jnp.einsum("yi,xj,ijd->yxd", m, m, patch, precision=HIGHEST)
     return jnp.concatenate([pos[:, :1], patch.reshape(1, size * size, -1)], axis=1)
 
-  def __call__(self, x):
+  def tokens(self, x):
+    """Final-norm tokens [N, 1 + (R / patch)^2, width]: CLS first, then the patches in row-major
+    order."""
     if x.shape[1] != x.shape[2] or x.shape[1] % self.patch:
       raise TesseraxError(f"DINOv2 needs square inputs, a multiple of {self.patch}; got "
                           f"{x.shape[1]}x{x.shape[2]}")
@@ -130,7 +132,16 @@ class DinoV2(nnx.Module):
     x = jnp.concatenate([cls, tokens], axis=1) + self.position_embedding(x.shape[1] // self.patch)
     for block in self.blocks:
       x = block(x)
-    return self.norm(x)[:, 0]
+    return self.norm(x)
+
+  def __call__(self, x):
+    """The CLS token (FD-DINOv2 features)."""
+    return self.tokens(x)[:, 0]
+
+  def patch_features(self, x):
+    """Patch tokens as a feature map [N, R / patch, R / patch, width] (VA-VAE's VF target)."""
+    grid = x.shape[1] // self.patch
+    return self.tokens(x)[:, 1:].reshape(x.shape[0], grid, grid, -1)
 
 
 def bicubic_matrix(in_size, out_size, scale_factor):

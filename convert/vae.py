@@ -1,6 +1,7 @@
 """Official KL-autoencoder checkpoints -> tesserax tokenizer directories.
 
   convert_vae(kind, src, out_dir, stats=None, config=None)   an official file -> out_dir
+  save_tokenizer(directory, kind, config, params, stats)      flat params -> a directory
   load_tokenizer(directory) -> (KLAutoencoder, {"mean", "std"})
 
 Kinds (reference/tokenizers.md §3.5):
@@ -166,16 +167,31 @@ def convert_vae(kind: str, src, out_dir, stats=None, config=None) -> str:
     latent_stats = (read_stats(stats, config.embed_dim) if stats else
                     {"mean": np.zeros(config.embed_dim, np.float32),
                      "std": np.full(config.embed_dim, 1 / SD_SCALING_FACTOR, np.float32)})
-  os.makedirs(out_dir, exist_ok=True)
-  np.savez(os.path.join(out_dir, "latent_stats.npz"), **latent_stats)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
+  return save_tokenizer(out_dir, kind, config, params, latent_stats)
+
+
+def flat_params(model) -> dict:
+  """The flat {"encoder.conv_in.kernel": array} parameters of a KLAutoencoder, on the host."""
+  return {".".join(map(str, path)): np.asarray(x.get_value())
+          for path, x in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def save_tokenizer(directory, kind: str, config, params: dict, stats: dict) -> str:
+  """Write a tokenizer directory: `params` flat (see `flat_params`), `stats` {"mean", "std"}
+  of shape [embed_dim]. params.npz is written last: its presence marks a complete directory.
+  Returns the absolute directory."""
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  np.savez(os.path.join(directory, "latent_stats.npz"),
+           **{k: np.asarray(stats[k], np.float32) for k in ("mean", "std")})
+  with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump({"kind": kind, "model": config.to_dict()}, f, indent=2)
-  np.savez(os.path.join(out_dir, "params.npz"), **params)  # last: its presence marks success
-  return out_dir
+  np.savez(os.path.join(directory, "params.npz"), **params)
+  return directory
 
 
 def load_tokenizer(directory):
-  """(KLAutoencoder, {"mean", "std"}) from a directory written by convert_vae."""
+  """(KLAutoencoder, {"mean", "std"}) from a directory written by save_tokenizer."""
   path = pathlib.Path(directory)
   if not (path / "params.npz").exists() or not (path / "config.json").exists():
     raise TesseraxError(f"{directory} is not a tokenizer directory (no params.npz/config.json)")

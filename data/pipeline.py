@@ -6,6 +6,11 @@ epoch e is `np.random.default_rng([seed, e]).permutation(N)`, global batch b hol
 positions [b*B, (b+1)*B) of the concatenated epochs, and process p of P reads only rows
 [p*B/P, (p+1)*B/P) of each global batch. The horizontal flip of each position is drawn from the
 same generator as its epoch's permutation, so flips do not depend on P either.
+
+Dataset `latents` is a latent cache written by data/latents.py (`tesserax data encode`), with
+data.data_dir the cache directory. It serves the stored latents normalised per channel with the
+cache's statistics, (z - mean) / std, as "image"; a flipped position serves the stored latent
+of the flipped image (`latent_flip`), so the same flip decisions apply without mirroring arrays.
 """
 import functools
 import os
@@ -17,10 +22,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from tesserax.data import builders
+from tesserax.data import latents
 from tesserax.data import preprocess
 from tesserax.errors import TesseraxError
 
-DATASETS = ("digits", "image_folder", "imagenet2012")
+DATASETS = ("digits", "image_folder", "imagenet2012", "latents")
 _MANUAL_CONTENTS = {
     "image_folder": "one subfolder of .png/.jpg/.jpeg images per class",
     "imagenet2012": f"{builders.IMAGENET_TRAIN_TAR} and {builders.IMAGENET_VAL_TAR}",
@@ -45,6 +51,8 @@ def _builder(name, data_dir, manual_dir, resolution):
       raise TesseraxError(f"imagenet2012 resolution {resolution} is not one of "
                           f"{builders.IMAGENET_RESOLUTIONS}; set the resolution to one of them")
     return builders.TesseraxImagenet2012(config=str(resolution), data_dir=data_dir)
+  if name == "latents":
+    return latents.open_cache(data_dir)
   raise TesseraxError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
@@ -54,6 +62,9 @@ def build(name: str, data_dir: str, manual_dir: str | None = None,
 
   digits needs neither `manual_dir` nor `resolution` (it is resized when served).
   """
+  if name == "latents":
+    raise TesseraxError("latent caches are not built but encoded from an image dataset: run "
+                        "`tesserax data encode NAME --tokenizer DIR --out CACHE`")
   if name in _MANUAL_CONTENTS:
     contents = _MANUAL_CONTENTS[name]
     if not manual_dir:
@@ -74,7 +85,13 @@ def _source(data_cfg, split):
   """The random-access tfds source of `split`; digits is prepared here on first use."""
   name = data_cfg.name
   builder = _builder(name, data_cfg.data_dir, data_cfg.manual_dir, data_cfg.resolution)
-  if not builder.is_prepared():
+  if name == "latents":
+    shape = builder.info.features["latent"].shape
+    if data_cfg.resolution != shape[0]:
+      raise TesseraxError(f"data.resolution is {data_cfg.resolution} but the latent cache "
+                          f"{data_cfg.data_dir} holds latents of shape {list(shape)}; set "
+                          f"data.resolution={shape[0]}")
+  if name != "latents" and not builder.is_prepared():
     if name != "digits":
       raise TesseraxError(
           f"dataset {name} is not prepared at resolution {data_cfg.resolution} in "
@@ -98,6 +115,47 @@ def _read(source, indices):
   return images, np.array([ex["label"] for ex in examples], np.int32)
 
 
+def _input_reader(data_cfg, source):
+  """read(indices, flips=None) -> float32 model inputs [n, ...] and int32 labels [n] of the
+  examples at `indices`: images in [-1, 1] at data_cfg.resolution, mirrored where `flips`
+  (bool [n]); or normalised latents, the stored flipped ones where `flips`."""
+  if data_cfg.name == "latents":
+    stats = latents.cache_stats(data_cfg.data_dir)
+
+    def read_latents(indices, flips=None):
+      examples = source.__getitems__(indices)
+      flips = np.zeros(len(examples), bool) if flips is None else flips
+      z = np.stack([ex["latent_flip" if f else "latent"] for ex, f in zip(examples, flips)])
+      labels = np.array([ex["label"] for ex in examples], np.int32)
+      return ((z - stats["mean"]) / stats["std"]).astype(np.float32), labels
+
+    return read_latents
+
+  def read_images(indices, flips=None):
+    images, labels = _read(source, indices)
+    images = _at_resolution(images, data_cfg)
+    if flips is not None:
+      images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
+    return preprocess.to_model_range(images), labels
+
+  return read_images
+
+
+def image_reader(data_cfg, split):
+  """(number of examples, read) of an image split, where read(indices) gives uint8 images
+  [n, R, R, C] at data_cfg.resolution and int32 labels [n] (data/latents.py encodes these)."""
+  if data_cfg.name == "latents":
+    raise TesseraxError("dataset latents holds latents, not images; name the image dataset "
+                        "the cache was encoded from")
+  source = _source(data_cfg, split)
+
+  def read(indices):
+    images, labels = _read(source, np.asarray(indices).tolist())
+    return _at_resolution(images, data_cfg), labels
+
+  return len(source), read
+
+
 def _at_resolution(images, data_cfg):
   """Stored uint8 images at data_cfg.resolution: digits is resized, the others are stored so."""
   if data_cfg.name == "digits":
@@ -106,27 +164,27 @@ def _at_resolution(images, data_cfg):
 
 
 def load_split(data_cfg, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """The whole of `split` in memory: float32 NHWC images in [-1, 1] and int32 labels."""
+  """The whole of `split` in memory: float32 NHWC images in [-1, 1] (or normalised latents)
+  and int32 labels."""
   source = _source(data_cfg, split)
-  images, labels = _read(source, list(range(len(source))))
-  return preprocess.to_model_range(_at_resolution(images, data_cfg)), labels
+  return _input_reader(data_cfg, source)(list(range(len(source))))
 
 
 def iterate_split(data_cfg, split: str, batch_size: int = 256, limit: int | None = None):
   """uint8 NHWC image batches of `split` in order, at data_cfg.resolution (for reference
   statistics of datasets too large to hold in memory); at most `limit` images."""
-  source = _source(data_cfg, split)
-  total = len(source) if limit is None else min(limit, len(source))
+  num_examples, read = image_reader(data_cfg, split)
+  total = num_examples if limit is None else min(limit, num_examples)
   for start in range(0, total, batch_size):
-    images, _ = _read(source, list(range(start, min(start + batch_size, total))))
-    yield _at_resolution(images, data_cfg)
+    yield read(range(start, min(start + batch_size, total)))[0]
 
 
 def make_train_loader(data_cfg, global_batch_size: int, seed: int,
                       process_index: int | None = None, process_count: int | None = None):
   """An endless grain iterator of this process's rows of each global batch of data_cfg.split.
 
-  Yields {'image': float32 [B/P, R, R, C] in [-1, 1], 'label': int32 [B/P]}. Its state is
+  Yields {'image': float32 [B/P, R, R, C] in [-1, 1] (normalised latents [B/P, h, w, c] for
+  dataset latents), 'label': int32 [B/P]}. Its state is
   grain's `get_state()` / `set_state()` ({'next_index': number of batches served}).
   """
   process_index = jax.process_index() if process_index is None else process_index
@@ -135,6 +193,7 @@ def make_train_loader(data_cfg, global_batch_size: int, seed: int,
     raise TesseraxError(f"global batch size {global_batch_size} is not divisible by the "
                         f"{process_count} processes; choose a multiple of {process_count}")
   source = _source(data_cfg, data_cfg.split)
+  read = _input_reader(data_cfg, source)
   num_examples = len(source)
   local_batch_size = global_batch_size // process_count
 
@@ -156,11 +215,8 @@ def make_train_loader(data_cfg, global_batch_size: int, seed: int,
       rows = epochs == e
       indices[rows] = order[within[rows]]
       flips[rows] = flip[within[rows]]
-    images, labels = _read(source, indices.tolist())
-    images = _at_resolution(images, data_cfg)
-    if data_cfg.random_flip:
-      images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
-    return {"image": preprocess.to_model_range(images), "label": labels}
+    inputs, labels = read(indices.tolist(), flips if data_cfg.random_flip else None)
+    return {"image": inputs, "label": labels}
 
   read_options = grain.ReadOptions(num_threads=_PREFETCH_BATCHES,
                                    prefetch_buffer_size=_PREFETCH_BATCHES)

@@ -40,3 +40,20 @@ def center_crop_adm(image: Image.Image, image_size: int) -> np.ndarray:
   top = (arr.shape[0] - image_size) // 2
   left = (arr.shape[1] - image_size) // 2
   return arr[top:top + image_size, left:left + image_size]
+
+
+def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
+  """torchvision Resize(size) + CenterCrop(size) of an RGB-converted PIL image, as LightningDiT
+  evaluate_tokenizer.py evaluates tokenizers (reference/tokenizers.md §3.6): the short side
+  bilinearly resized (PIL, antialiased) to `size`, the long side to int(size * long / short),
+  then the crop at top = int(round((h - size) / 2.0)), left likewise (Python's round)."""
+  image = image.convert("RGB")
+  w, h = image.size
+  new_long = int(size * max(w, h) / min(w, h))
+  new_size = (size, new_long) if w <= h else (new_long, size)
+  if new_size != (w, h):
+    image = image.resize(new_size, Image.BILINEAR)
+  arr = np.asarray(image)
+  top = int(round((arr.shape[0] - size) / 2.0))
+  left = int(round((arr.shape[1] - size) / 2.0))
+  return arr[top:top + size, left:left + size]

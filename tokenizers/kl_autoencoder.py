@@ -16,6 +16,7 @@ copies (reference/tokenizers.md §3.1, §5):
 - decoder: conv_in, mid, then the levels from the lowest resolution up with
   `num_res_blocks + 1` ResnetBlocks and an Upsample except at level 0; `decoder.up[i]` is
   indexed by level (up[-1] runs first), as in the official state dict;
+- `in_channels` image channels in and out (the ddconfig in_channels / out_ch; 3 for RGB);
 - quant_conv 1x1 (2 z_channels -> 2 embed_dim) and post_quant_conv 1x1 (embed_dim ->
   z_channels); the moments split into mean | logvar (torch.chunk(2, dim=1)), logvar clamped
   to [-30, 20] (DiagonalGaussianDistribution in ldm/modules/distributions/distributions.py).
@@ -39,7 +40,7 @@ def vavae_f16d32() -> ml_collections.ConfigDict:
   f16d32_vfdinov2.yaml): 69,836,067 parameters (keys/vavae_f16d32.txt)."""
   return ml_collections.ConfigDict(dict(
       resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
-      attn_resolutions=(16,), z_channels=32, embed_dim=32, dtype="float32"))
+      attn_resolutions=(16,), z_channels=32, embed_dim=32, in_channels=3, dtype="float32"))
 
 
 def sd_vae_f8d4() -> ml_collections.ConfigDict:
@@ -47,7 +48,7 @@ def sd_vae_f8d4() -> ml_collections.ConfigDict:
   kl-f8/config.yaml): 83,653,863 parameters, the attention only in the mid blocks."""
   return ml_collections.ConfigDict(dict(
       resolution=256, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2,
-      attn_resolutions=(), z_channels=4, embed_dim=4, dtype="float32"))
+      attn_resolutions=(), z_channels=4, embed_dim=4, in_channels=3, dtype="float32"))
 
 
 CONFIGS = {"vavae_f16d32": vavae_f16d32, "sd_vae_f8d4": sd_vae_f8d4}
@@ -167,7 +168,7 @@ class Encoder(nnx.Module):
   def __init__(self, c, *, rngs, dtype):
     widths = [c.ch * m for m in c.ch_mult]
     last = len(widths) - 1
-    self.conv_in = _conv(3, c.ch, 3, rngs, dtype)
+    self.conv_in = _conv(c.in_channels, c.ch, 3, rngs, dtype)
     self.down = nnx.List([
         Level(([c.ch] + widths)[i], widths[i], c.num_res_blocks, attn,
               "down" if i != last else None, rngs=rngs, dtype=dtype)
@@ -194,7 +195,7 @@ class Decoder(nnx.Module):
               "up" if i != 0 else None, rngs=rngs, dtype=dtype)
         for i, attn in enumerate(_attn_levels(c))])
     self.norm_out = _norm(widths[0], rngs, dtype)
-    self.conv_out = _conv(widths[0], 3, 3, rngs, dtype)
+    self.conv_out = _conv(widths[0], c.in_channels, 3, rngs, dtype)
 
   def __call__(self, z):
     x = self.mid(self.conv_in(z))
@@ -215,7 +216,7 @@ class KLAutoencoder(nnx.Module):
       raise ValueError(f"ch * ch_mult {c.ch} * {tuple(c.ch_mult)} must be multiples of 32 "
                        "(GroupNorm(32))")
     dtype = jnp.dtype(c.dtype)
-    self.resolution = c.resolution
+    self.resolution, self.channels = c.resolution, c.in_channels
     self.factor = 2 ** (len(c.ch_mult) - 1)
     if c.resolution % self.factor:
       raise ValueError(f"resolution {c.resolution} is not divisible by the factor {self.factor}")
@@ -227,7 +228,7 @@ class KLAutoencoder(nnx.Module):
 
   def posterior(self, images):
     """(mean, logvar) of the diagonal Gaussian posterior, logvar clamped to [-30, 20]."""
-    check_images(images, self.resolution)
+    check_images(images, self.resolution, self.channels)
     moments = self.quant_conv(self.encoder(images))
     mean, logvar = jnp.split(moments, 2, axis=-1)
     return mean, jnp.clip(logvar, *LOGVAR_RANGE)
@@ -255,12 +256,12 @@ def sample(mean, logvar, key=None):
   return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
 
 
-def check_images(images, resolution):
-  """Refuses images that are not [N, resolution, resolution, 3], or, where the values are
+def check_images(images, resolution, channels=3):
+  """Refuses images that are not [N, resolution, resolution, channels], or, where the values are
   concrete, outside [-1, 1] (uint8 or [0, 1] images passed by mistake)."""
-  if images.ndim != 4 or tuple(images.shape[1:]) != (resolution, resolution, 3):
+  if images.ndim != 4 or tuple(images.shape[1:]) != (resolution, resolution, channels):
     raise TesseraxError(f"images of shape {tuple(images.shape)}; this tokenizer takes "
-                        f"[N, {resolution}, {resolution}, 3]")
+                        f"[N, {resolution}, {resolution}, {channels}]")
   if not isinstance(images, jax.core.Tracer):
     lo, hi = float(jnp.min(images)), float(jnp.max(images))
     if lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:

@@ -91,16 +91,14 @@ def generator_loss(logits_fake):
   return -jnp.mean(logits_fake)
 
 
-def adaptive_weight(loss_a, loss_b, kernel, max_weight):
-  """||d loss_a / d kernel|| / (||d loss_b / d kernel|| + 1e-4), clamped to [0, max_weight]
-  and detached. loss_a, loss_b: functions of the last layer's kernel (the rest held fixed).
-  GAN (taming calculate_adaptive_weight): nll over the generator loss w.r.t. the decoder's
-  conv_out kernel, max 1e4; VF (LightningDiT calculate_adaptive_weight_vf): nll over the VF
-  loss w.r.t. the encoder's conv_out kernel, max 1e8. The caller multiplies by disc_weight /
-  vf_weight."""
-  norm_a = jnp.linalg.norm(jax.grad(loss_a)(kernel))
-  norm_b = jnp.linalg.norm(jax.grad(loss_b)(kernel))
-  return jax.lax.stop_gradient(jnp.clip(norm_a / (norm_b + 1e-4), 0.0, max_weight))
+def adaptive_weight(grad_a, grad_b, max_weight):
+  """||grad_a|| / (||grad_b|| + 1e-4), clamped to [0, max_weight] and detached: the gradients
+  of two losses w.r.t. one last layer's kernel. GAN (taming calculate_adaptive_weight): nll
+  over the generator loss w.r.t. the decoder's conv_out kernel, max 1e4; VF (LightningDiT
+  calculate_adaptive_weight_vf): nll over the VF loss w.r.t. the encoder's conv_out kernel,
+  max 1e8. The caller multiplies by disc_weight / vf_weight."""
+  ratio = jnp.linalg.norm(grad_a) / (jnp.linalg.norm(grad_b) + 1e-4)
+  return jax.lax.stop_gradient(jnp.clip(ratio, 0.0, max_weight))
 
 
 def lecam(logits_real, logits_fake, ema_real, ema_fake):
@@ -163,10 +161,4 @@ def dinov2_patch_features(dino, images, resolution=224):
   scale = jnp.array([resolution / h, resolution / w])
   x = jax.image.scale_and_translate(images, (n, resolution, resolution, c), (1, 2), scale,
                                     jnp.zeros(2), "linear", antialias=False)
-  tokens = dino.patch_embed(x)
-  cls = jnp.broadcast_to(dino.cls_token[...], (n, 1, tokens.shape[-1]))
-  grid = resolution // dino.patch
-  x = jnp.concatenate([cls, tokens], axis=1) + dino.position_embedding(grid)
-  for block in dino.blocks:
-    x = block(x)
-  return dino.norm(x)[:, 1:].reshape(n, grid, grid, -1)
+  return dino.patch_features(x)

@@ -9,6 +9,8 @@ shares across processes (float64 statistics), so nothing is counted twice.
 - `inception`: FID (and any of sfid, is, pr) against an ADM reference batch `eval.ref`, with
   the FID InceptionV3 (backbones/inception.py, ADM-evaluator preprocessing).
 
+Tokenizer recipes are scored on reconstructions instead (`make_reconstruction_evaluator`).
+
 The trainer runs `make_evaluator(config)` every `eval.every_steps` steps on N EMA samples drawn
 with the `sample.*` settings and logs `eval/<metric>` to metrics.jsonl and TensorBoard.
 """
@@ -73,5 +75,31 @@ def make_evaluator(config, generate):
                       s.num_steps, s.shift, s.cfg_scale, batch_size=config.eval.batch_size)
     return {f"eval/{k}": float(v) for k, v in score(images, labels).items()
             if k != "num_samples"}
+
+  return evaluate
+
+
+def make_reconstruction_evaluator(setup):
+  """`evaluate(setup, params)` of a tokenizer recipe, or None when `eval.every_steps` is 0:
+  posterior-mean reconstructions of the first eval.num_samples images of eval.split scored by
+  PSNR (uint8) and, for eval.kind "digits", FID-digits against the digits test split; for
+  "inception", by eval.metrics of rfid, psnr, ssim, lpips against the originals."""
+  from tesserax.eval import metrics
+  config = setup.config
+  if not config.eval.every_steps:
+    return None
+  images = setup.eval_images()
+  score = digits_scorer(config.data.resolution) if config.eval.kind == "digits" else None
+
+  def evaluate(setup, params):
+    rec = setup.reconstruct(params, images)
+    if score is None:
+      results = metrics.reconstruction_metrics(process_share(to_uint8(images)),
+                                               process_share(to_uint8(rec)),
+                                               tuple(config.eval.metrics))
+    else:
+      results = {"psnr": float(np.mean(metrics.psnr(to_uint8(images), to_uint8(rec)))),
+                 "fid": score(rec, np.zeros(len(rec), np.int32))["fid"]}
+    return {f"eval/{k}": float(v) for k, v in results.items() if k != "num_samples"}
 
   return evaluate

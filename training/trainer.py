@@ -47,6 +47,40 @@ def objective_module(config):
   return OBJECTIVES[config.objective.name]
 
 
+def shard_abstract(abstract, shardings):
+  """ShapeDtypeStructs of `abstract` carrying `shardings` (what orbax restores into)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def optimizer_shardings(tx, abstract_opt, param_sh, mesh):
+  """Shardings of an optax state: each moment like its parameter, counters replicated."""
+  rep = sharding.replicated(mesh)
+  return optax.tree_utils.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, param_sh, transform_non_params=lambda _: rep,
+      is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+
+
+def guarded_update(state, new: dict, finite):
+  """The next state: `new` entries applied and the step advanced, unless this step's loss or
+  gradients are not finite or an earlier step's were (then the old entries stay); the first
+  non-finite step is recorded in `nonfinite_step` (the NaN/Inf guard)."""
+  healthy = finite & (state["nonfinite_step"] < 0)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(healthy, a, b), new, old)
+  return dict(state, **{k: keep(v, state[k]) for k, v in new.items()},
+              step=state["step"] + 1,
+              nonfinite_step=jnp.where((state["nonfinite_step"] < 0) & ~finite, state["step"],
+                                       state["nonfinite_step"]))
+
+
+def make_setup(config, mesh):
+  """The Setup of a generator (`Setup`) or a tokenizer (tokenizers/training.py) recipe."""
+  from tesserax.tokenizers import training as tokenizer_training
+  if config.model.name in tokenizer_training.TOKENIZERS:
+    return tokenizer_training.TokenizerSetup(config, mesh)
+  return Setup(config, mesh)
+
+
 class Setup:
   """Everything derived from (config, mesh) once: graph, shardings, optimizer, jitted fns."""
 
@@ -59,15 +93,12 @@ class Setup:
     self.objective = objective_module(config)
     param_sh = sharding.param_shardings(nnx.to_pure_dict(abstract_params), self.names, mesh)
     rep = sharding.replicated(mesh)
-    self.abstract_state = jax.eval_shape(self._init)
-    opt_sh = optax.tree_utils.tree_map_params(
-        self.tx, lambda _, s: s, self.abstract_state["opt"], param_sh,
-        transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-    self.state_shardings = {"step": rep, "params": param_sh, "ema": param_sh, "opt": opt_sh,
+    abstract_state = jax.eval_shape(self._init)
+    self.state_shardings = {"step": rep, "params": param_sh, "ema": param_sh,
+                            "opt": optimizer_shardings(self.tx, abstract_state["opt"], param_sh,
+                                                       mesh),
                             "rng": rep, "nonfinite_step": rep}
-    self.abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        self.abstract_state, self.state_shardings)
+    self.abstract_state = shard_abstract(abstract_state, self.state_shardings)
     # Non-trainable buffers (pos_embed) are recomputed from the config, never checkpointed.
     self.buffers = jax.device_put(nnx.to_pure_dict(nnx.state(
         build_model(config.model, config.seed), nnx.Not(nnx.Param))), rep)
@@ -85,6 +116,12 @@ class Setup:
   def apply_velocity(self, params, x, t, labels):
     """apply_fn for the samplers: the velocity field of the network at `params`."""
     return self.objective.velocity(self.model(params), x, t, labels)
+
+  def make_evaluator(self):
+    return evaluators.make_evaluator(self.config, generate)
+
+  def save_sample_grid(self, params, path):
+    save_sample_grid(self, params, path)
 
   def _init(self):
     model = build_model(self.config.model, self.config.seed)
@@ -109,13 +146,7 @@ class Setup:
     params = optax.apply_updates(state["params"], updates)
     ema = optim.ema_update(state["ema"], params, c.ema_decay)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    healthy = finite & (state["nonfinite_step"] < 0)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(healthy, a, b), new, old)
-    new_state = {
-        "step": state["step"] + 1, "params": keep(params, state["params"]),
-        "ema": keep(ema, state["ema"]), "opt": keep(opt, state["opt"]), "rng": state["rng"],
-        "nonfinite_step": jnp.where((state["nonfinite_step"] < 0) & ~finite, state["step"],
-                                    state["nonfinite_step"])}
+    new_state = guarded_update(state, {"params": params, "ema": ema, "opt": opt}, finite)
     metrics = dict(metrics, grad_norm=grad_norm,
                    lr=optim.learning_rate_schedule(c.optim, c.num_steps)(state["step"]))
     return new_state, metrics
@@ -204,7 +235,7 @@ def train(config, workdir: str, init_from: str | None = None, log=print):
   is_main = jax.process_index() == 0
   config_lib.check_or_write_workdir_config(config, workdir, write=False)
   mesh = sharding.make_mesh(config.mesh)
-  setup = Setup(config, mesh)
+  setup = make_setup(config, mesh)
   loader = pipeline.make_train_loader(config.data, config.batch_size, config.seed)
   manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), config.checkpoint)
 
@@ -224,7 +255,7 @@ def train(config, workdir: str, init_from: str | None = None, log=print):
   start = int(jax.device_get(state["step"]))
   metrics_log = MetricsLog(workdir, start)
   progress = Progress(start, config.num_steps, config.batch_size)
-  evaluate = evaluators.make_evaluator(config, generate)
+  evaluate = setup.make_evaluator()
   preemption = _Preemption()
   try:
     step = start
@@ -245,7 +276,7 @@ def train(config, workdir: str, init_from: str | None = None, log=print):
         if is_main:
           log(f"step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in scores.items()))
       if config.sample.every_steps and step % config.sample.every_steps == 0:
-        save_sample_grid(setup, state["ema"], os.path.join(workdir, "samples", f"{step:08d}.png"))
+        setup.save_sample_grid(state["ema"], os.path.join(workdir, "samples", f"{step:08d}.png"))
       if step % config.checkpoint.every_steps == 0 or step == config.num_steps or preempted:
         _check_finite(state)
         checkpoint.save(manager, step, state, loader.get_state(), force=preempted)
@@ -258,6 +289,8 @@ def train(config, workdir: str, init_from: str | None = None, log=print):
     manager.wait_until_finished()
     manager.close()
     metrics_log.close()
+  if hasattr(setup, "export") and int(jax.device_get(state["step"])) == config.num_steps:
+    setup.export(state, workdir, log)  # a trained tokenizer becomes a tokenizer directory
   return setup, state
 
 
@@ -303,7 +336,7 @@ def load_workdir(workdir: str):
     raise TesseraxError(f"not a training workdir (no config.json): {workdir}")
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  setup = Setup(config, sharding.make_mesh(config.mesh))
+  setup = make_setup(config, sharding.make_mesh(config.mesh))
   manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), config.checkpoint,
                                     read_only=True)
   step = manager.latest_step()
