@@ -2,7 +2,8 @@
 
   tesserax demo   [--workdir DIR] [--config.KEY=VALUE ...]
   tesserax train  --config NAME_OR_PATH[:ARG] --workdir DIR [--init_from DIR] [--config.KEY=VALUE ...]
-  tesserax sample --workdir DIR --num N --sampler euler|heun --steps K [--cfg S] --out FILE.npz
+  tesserax sample --workdir DIR --num N --sampler euler|heun|ddpm|ddim --steps K [--cfg S]
+                  [--interval LO HI] [--guided_channels K] --out FILE.npz
   tesserax eval   --samples FILE.npz|DIR [--ref REF.npz] --metrics fid,sfid,is,pr,fd_dinov2
   tesserax eval   --samples FILE.npz --metrics fid_digits,accuracy
   tesserax reconstruct --tokenizer DIR --data FOLDER|NAME [--split S] [--resolution R] [--num N] --out DIR
@@ -64,8 +65,15 @@ def _parser():
       "demo", help="train a class-conditional rectified-flow DiT on digits and evaluate it",
       description="Trains configs/digits_dit.py on CPU (a few minutes), then samples with Euler "
                   "and Heun at NFE 1-32 and writes samples_grid.png and metrics.json (FID-digits, "
-                  "class accuracy, the real-data floor) to the workdir. Run again, it resumes.")
-  demo.add_argument("--workdir", default="workdirs/demo")
+                  "class accuracy, the real-data floor) to the workdir. Run again, it resumes. "
+                  "With --latent: trains the digits KL autoencoder (configs/digits_kl.py, the "
+                  "VA-VAE loss), reports PSNR and FID-digits of its reconstructions, encodes "
+                  "digits into a latent cache and trains and evaluates the DiT on it "
+                  "(configs/digits_latent_dit.py); --config.* overrides then apply to the DiT.")
+  demo.add_argument("--workdir", default=None,
+                    help="default workdirs/demo (workdirs/demo_latent with --latent)")
+  demo.add_argument("--latent", action="store_true",
+                    help="the latent pipeline: tokenizer, latent cache, latent DiT")
 
   train = sub.add_parser("train", help="train a recipe",
                          description="Train a recipe from configs/; resumes from the workdir's "
@@ -81,16 +89,27 @@ def _parser():
                           description="Writes arr_0 (uint8 NHWC images) and arr_1 (labels).")
   sample.add_argument("--workdir", required=True)
   sample.add_argument("--num", type=int, required=True, help="number of samples")
-  sample.add_argument("--sampler", default="euler", choices=("euler", "heun"))
-  sample.add_argument("--steps", type=int, default=32, help="solver steps (Heun: 2 NFE each)")
+  sample.add_argument("--sampler", default="euler", choices=("euler", "heun", "ddpm", "ddim"),
+                      help="flow solvers euler, heun; for DDPM models (a converted DiT) ddpm "
+                           "(ancestral) or ddim (eta 0), DiT's published setting is ddpm 250")
+  sample.add_argument("--steps", type=int, default=32, help="solver steps (Heun: 2 NFE each; "
+                      "ddpm/ddim: respaced steps of the 1000)")
   sample.add_argument("--shift", type=float, default=1.0, help="timestep shift s (SD3 form)")
   sample.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale")
+  sample.add_argument("--guided_channels", type=int, default=None, metavar="K",
+                      help="guide only the first K output channels, the official DiT and "
+                           "LightningDiT behaviour (K=3) behind their published FIDs; default: "
+                           "all channels")
   sample.add_argument("--interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
                       help="guide only for t in (LO, HI] (t = 1 is noise)")
   sample.add_argument("--label", type=int, default=None, help="one class for all samples "
                       "(default: classes in turn)")
   sample.add_argument("--seed", type=int, default=0)
   sample.add_argument("--raw", action="store_true", help="use the raw params, not the EMA")
+  sample.add_argument("--tokenizer", default=None, metavar="DIR",
+                      help="decode latent samples with this tokenizer directory (`tesserax "
+                           "convert --kind vavae-f16d32|sd-vae-ft-ema ...`), for a model "
+                           "without its latent cache, e.g. a converted DiT or LightningDiT")
   sample.add_argument("--out", required=True)
   _add_distributed_flags(sample)
 
@@ -150,13 +169,17 @@ def _parser():
                        help="the reverse: --src is a DiT-family workdir, --out the official "
                             "file (.safetensors, or .pt with torch)")
 
-  weights_cmd = sub.add_parser("weights", help="pretrained weights of the evaluation networks")
+  from tesserax.backbones import weights
+  weights_cmd = sub.add_parser("weights", help="official weights: evaluation networks, tokenizers")
   weights_sub = weights_cmd.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
   fetch = weights_sub.add_parser(
       "fetch", help="download official weights and check their sha256",
-      description="NAME is inception, dinov2_vitl14 or lpips_vgg. Offline, the error says which "
-                  "file to place in which directory.")
-  fetch.add_argument("name", choices=("inception", "dinov2_vitl14", "lpips_vgg"))
+      description="NAME is an evaluation backbone (inception, dinov2_vitl14, lpips_vgg; loaded "
+                  "from the cache directory when needed) or a released tokenizer (vavae_f16d32 "
+                  "with its latents_stats.pt, sd_vae_ft_ema, sd_vae_ft_mse; then `tesserax "
+                  "convert --kind ... --src FILE`). Offline, the error says which file to place "
+                  "in which directory.")
+  fetch.add_argument("name", choices=tuple(weights.REGISTRY))
   fetch.add_argument("--dest", default=None, help="default $TESSERAX_CACHE or ~/.cache/tesserax")
 
   data = sub.add_parser("data", help="prepare datasets")
@@ -238,9 +261,12 @@ def _cmd_train(args, overrides):
 
 def _cmd_demo(args, overrides):
   from tesserax.training import config as config_lib, demo
-  config = config_lib.load("digits_dit")
+  config = config_lib.load("digits_latent_dit" if args.latent else "digits_dit")
   config_lib.apply_overrides(config, overrides)
-  demo.run(config, args.workdir)
+  if args.latent:
+    demo.run_latent(config_lib.load("digits_kl"), config, args.workdir or "workdirs/demo_latent")
+  else:
+    demo.run(config, args.workdir or "workdirs/demo")
 
 
 def _cmd_sample(args, overrides):
@@ -256,10 +282,25 @@ def _cmd_sample(args, overrides):
     raise TesseraxError(f"--label {args.label} is outside [0, {num_classes})")
   labels = (np.full(args.num, args.label, np.int32) if args.label is not None
             else np.arange(args.num, dtype=np.int32) % num_classes)
+  data = setup.config.data
+  without_cache = data.name == "latents" and not data.data_dir
+  if without_cache and not args.tokenizer:
+    raise TesseraxError("this model samples latents and has no latent cache to decode them "
+                        "with; pass --tokenizer DIR (a converted VA-VAE / SD-VAE)")
+  if args.tokenizer:
+    if not without_cache:
+      raise TesseraxError("--tokenizer is for latent models without a cache; this one's "
+                          "samples are decoded already" if data.name == "latents" else
+                          "--tokenizer is for latent models; this one samples images")
+    from tesserax.convert import vae
+    from tesserax.data import latents
+    decode = latents.make_decoder(*vae.load_tokenizer(args.tokenizer))
   import jax
   images = generate(setup, state["params" if args.raw else "ema"], labels,
                     jax.random.PRNGKey(args.seed), args.sampler, args.steps, args.shift, args.cfg,
-                    tuple(args.interval), batch_size=512)
+                    tuple(args.interval), batch_size=512, guided_channels=args.guided_channels)
+  if args.tokenizer:
+    images = decode(images)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     np.savez(args.out, arr_0=to_uint8(images), arr_1=labels)

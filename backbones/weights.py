@@ -63,6 +63,24 @@ REGISTRY = {
                    "lpips/weights/v0.1/vgg.pth",
                    "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868"),
     ),
+    # Tokenizers (reference/tokenizers.md §3.5; no checksums published): fetched here, then
+    # `tesserax convert --kind vavae-f16d32|sd-vae-ft-ema|sd-vae-ft-mse --src FILE`.
+    "vavae_f16d32": (
+        WeightFile("vavae-imagenet256-f16d32-dinov2.pt",
+                   "https://huggingface.co/hustvl/vavae-imagenet256-f16d32-dinov2/resolve/main/"
+                   "vavae-imagenet256-f16d32-dinov2.pt", None),
+        WeightFile("latents_stats.pt",
+                   "https://huggingface.co/hustvl/vavae-imagenet256-f16d32-dinov2/resolve/main/"
+                   "latents_stats.pt", None),
+    ),
+    "sd_vae_ft_ema": (WeightFile(
+        "sd-vae-ft-ema/diffusion_pytorch_model.safetensors",
+        "https://huggingface.co/stabilityai/sd-vae-ft-ema/resolve/main/"
+        "diffusion_pytorch_model.safetensors", None),),
+    "sd_vae_ft_mse": (WeightFile(
+        "sd-vae-ft-mse/diffusion_pytorch_model.safetensors",
+        "https://huggingface.co/stabilityai/sd-vae-ft-mse/resolve/main/"
+        "diffusion_pytorch_model.safetensors", None),),
 }
 
 FACTORIES = {
@@ -106,8 +124,9 @@ def fetch(name: str, dest_dir=None) -> list:
   paths = []
   for f in files:
     path = dest / f.filename
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not (path.exists() and f.sha256 in (None, _sha256(path))):
-      tmp = path.with_name(f"{f.filename}.part{os.getpid()}")
+      tmp = path.with_name(f"{path.name}.part{os.getpid()}")
       try:
         with urllib.request.urlopen(f.url, timeout=60) as response, open(tmp, "wb") as out:
           for chunk in iter(lambda: response.read(1 << 20), b""):

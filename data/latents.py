@@ -76,6 +76,16 @@ def cache_stats(cache_dir) -> dict:
     return {k: f[k].astype(np.float32) for k in ("mean", "std")}
 
 
+def image_data_config(cache_dir):
+  """The data config of the image dataset a cache was encoded from (for image-space metrics
+  and the real-data floor of a generator trained on the cache)."""
+  import ml_collections
+  data = read_info(cache_dir)["data"]
+  num_classes = open_cache(cache_dir).info.features["label"].num_classes
+  return ml_collections.ConfigDict(dict(data, split="train", random_flip=False,
+                                        num_classes=num_classes))
+
+
 def open_cache(cache_dir):
   """The read-only tfds builder of a complete cache directory."""
   if not cache_dir or not os.path.exists(os.path.join(cache_dir, "dataset_info.json")):
@@ -329,27 +339,24 @@ def _decode_batch(graphdef, gray, state, latents, stats):
   return images.mean(-1, keepdims=True) if gray else images
 
 
-def load_decoder(cache_dir, batch_size: int = 64):
+def make_decoder(model, stats, image_channels=None, batch_size: int = 64):
   """fn(normalised latents, host float32 [N, h, w, c]) -> host float32 images [N, R, R, C]
-  clipped to [-1, 1]: denormalised with the cache's statistics and decoded by its tokenizer,
-  in jitted batches sharded over the local devices. C is the channel count of the images the
-  cache was encoded from: for grayscale ones tiled for an RGB tokenizer, the mean of the
-  decoded channels."""
-  info = read_info(cache_dir)
-  stats = cache_stats(cache_dir)
-  model, _ = vae.load_tokenizer(info["tokenizer"]["dir"])
+  clipped to [-1, 1]: latents * std + mean decoded by the KL tokenizer `model`, in jitted
+  batches sharded over the local devices. C is `image_channels` (default the tokenizer's): 1
+  for grayscale images tiled for an RGB tokenizer gives the mean of the decoded channels."""
   mesh = _local_mesh()
   padded_batch = -(-batch_size // mesh.size) * mesh.size
   graphdef, state = nnx.split(model)
   state = jax.device_put(state, NamedSharding(mesh, P()))
   batch = NamedSharding(mesh, P("batch"))
-  gray = info["image_channels"] != model.channels
+  gray = image_channels not in (None, model.channels)
+  stats = {k: np.asarray(stats[k], np.float32) for k in ("mean", "std")}
 
   def decode(latents):
     latents = np.asarray(latents, np.float32)
-    if latents.shape[1:] != tuple(info["latent_shape"]):
-      raise TesseraxError(f"latents of shape {latents.shape[1:]}; the cache {cache_dir} holds "
-                          f"{tuple(info['latent_shape'])}")
+    if latents.shape[1:] != tuple(model.latent_shape):
+      raise TesseraxError(f"latents of shape {latents.shape[1:]}; the tokenizer decodes "
+                          f"{tuple(model.latent_shape)}")
     out = []
     for i in range(0, len(latents), padded_batch):
       chunk = latents[i:i + padded_batch]
@@ -359,3 +366,10 @@ def load_decoder(cache_dir, batch_size: int = 64):
     return np.concatenate(out)
 
   return decode
+
+
+def load_decoder(cache_dir, batch_size: int = 64):
+  """make_decoder for the tokenizer, statistics and image channels of a cache."""
+  info = read_info(cache_dir)
+  model, _ = vae.load_tokenizer(info["tokenizer"]["dir"])
+  return make_decoder(model, cache_stats(cache_dir), info["image_channels"], batch_size)

@@ -163,6 +163,11 @@ def _at_resolution(images, data_cfg):
   return images
 
 
+def image_config(data_cfg):
+  """data_cfg itself for image datasets; for a latent cache, the image dataset it encodes."""
+  return latents.image_data_config(data_cfg.data_dir) if data_cfg.name == "latents" else data_cfg
+
+
 def load_split(data_cfg, split: str) -> tuple[np.ndarray, np.ndarray]:
   """The whole of `split` in memory: float32 NHWC images in [-1, 1] (or normalised latents)
   and int32 labels."""

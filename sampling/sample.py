@@ -13,7 +13,8 @@ from tesserax.training.sharding import BATCH_AXES
 
 
 def make_sampler(apply_fn, *, solver="euler", num_steps, shift=1.0, cfg_scale=1.0,
-                 interval=(0.0, 1.0), null_label, final_correction=True, mesh=None):
+                 interval=(0.0, 1.0), null_label, final_correction=True, mesh=None,
+                 guided_channels=None):
   """Returns a jitted `sample(params, noise, labels) -> x0`.
 
   Args:
@@ -24,6 +25,8 @@ def make_sampler(apply_fn, *, solver="euler", num_steps, shift=1.0, cfg_scale=1.
     shift: SD3 timestep shift (sampling/timesteps.py).
     cfg_scale, interval, null_label: classifier-free guidance (sampling/guidance.py).
     final_correction: Heun only; False makes the last step Euler (EDM, NFE = 2N - 1).
+    guided_channels: None guides every channel; k only the first k (the official DiT and
+      LightningDiT quirk, sampling/guidance.py), for reproducing published numbers.
     mesh: optional Mesh with axes ('data', 'fsdp', 'tensor'). noise, labels and the output are
       split along the batch over ('data', 'fsdp'); params keep the sharding they arrive with.
       In a multi-process run noise and labels must be global arrays.
@@ -43,7 +46,8 @@ def make_sampler(apply_fn, *, solver="euler", num_steps, shift=1.0, cfg_scale=1.
           f"labels must have shape [{noise.shape[0]}] to match noise {noise.shape}, "
           f"got {labels.shape}")
     model_fn = lambda x, t_vec, y: apply_fn(params, x, t_vec, y)
-    velocity_fn = guided_velocity(model_fn, labels, null_label, cfg_scale, interval)
+    velocity_fn = guided_velocity(model_fn, labels, null_label, cfg_scale, interval,
+                                  guided_channels)
     return solve(velocity_fn, noise, times)
 
   if mesh is None:

@@ -269,3 +269,41 @@ def test_numpy_safetensors_writer_reads_back(tmp_path):
     np.testing.assert_array_equal(back[key], value.astype(np.float32))
   with open(path, "rb") as f:
     assert (8 + struct.unpack("<Q", f.read(8))[0]) % 8 == 0  # data 8-byte aligned
+
+
+def test_sample_cli_ddim_with_the_official_guided_channels(converted, tmp_path, capsys):
+  """`tesserax sample --sampler ddim --guided_channels 3 --tokenizer DIR` on a converted DiT
+  equals the DDIM sampler applied to the model directly (noise fold_in(key, 0)) and decoded by
+  the tokenizer (latents * std + mean); all-channel guidance gives other samples; a DDPM
+  sampler on a flow model, or latents without a tokenizer, are refused in one line."""
+  from test_latents import tiny_tokenizer
+  from tesserax import cli
+  from tesserax.convert import vae
+  from tesserax.data.preprocess import to_uint8
+  _, _, workdir = converted["dit-xl-2-256"]
+  tokenizer = vae.load_tokenizer(tiny_tokenizer(tmp_path / "tokenizer", seed=0))[0]
+  out = str(tmp_path / "s.npz")
+  args = ["sample", "--workdir", workdir, "--num", "4", "--sampler", "ddim", "--steps", "3",
+          "--cfg", "4.0", "--seed", "1", "--out", out, "--tokenizer", str(tmp_path / "tokenizer")]
+  assert cli.main(args + ["--guided_channels", "3"]) == 0
+  with np.load(out) as f:
+    got, labels = f["arr_0"], f["arr_1"]
+  setup, state = trainer.load_workdir(workdir)
+  c = setup.config
+  shape = (4, c.data.resolution, c.data.resolution, c.model.in_channels)
+  noise = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(1), 0), shape)
+  sampler = make_ddpm_sampler(lambda p, x, s, y: ddpm.predict(setup.model(p), x, s, y),
+                              method="ddim", num_steps=3, cfg_scale=4.0, guided_channels=3,
+                              null_label=c.model.num_classes)
+  latents = sampler(state["ema"], noise, jnp.asarray(labels), jax.random.PRNGKey(0))
+  want = np.clip(np.asarray(tokenizer.decode(latents)), -1, 1)  # stats: mean 0, std 1
+  assert np.abs(got.astype(int) - to_uint8(want).astype(int)).max() <= 1
+  assert cli.main(args) == 0  # guiding all 4 channels gives other samples
+  with np.load(out) as f:
+    assert np.abs(f["arr_0"].astype(int) - got.astype(int)).max() > 1
+  _, _, flow_workdir = converted["sit-xl-2-256"]
+  for bad in (["--workdir", flow_workdir, "--sampler", "ddpm", "--tokenizer", args[-1]],
+              ["--workdir", workdir]):
+    capsys.readouterr()
+    assert cli.main(["sample", "--num", "2", "--out", out] + bad) == 2
+    assert capsys.readouterr().err.count("\n") == 1

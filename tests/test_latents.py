@@ -22,7 +22,7 @@ SEED, SHARD, BATCH = 3, 64, 32  # the digits test split (297 examples) in 5 shar
 NUM_EXAMPLES = 297
 
 
-def _tiny_tokenizer(directory, seed):
+def tiny_tokenizer(directory, seed):
   """A random-weight KL autoencoder, its weights drawn by NumPy (nnx's initialisers compile
   for seconds), written by save_tokenizer."""
   config = kl_autoencoder.vavae_f16d32()
@@ -68,7 +68,7 @@ def _records(cache_dir):
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-  return _tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"), seed=1)
+  return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"), seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +217,7 @@ def test_one_line_errors(cache, tokenizer_dir, digits_data_dir, tmp_path):
                   "another seed")
   _one_line_error(lambda: _encode(tokenizer_dir, digits_data_dir, cache, shard_size=100),
                   "another shard_size")
-  other = _tiny_tokenizer(tmp_path / "other", seed=2)
+  other = tiny_tokenizer(tmp_path / "other", seed=2)
   _one_line_error(lambda: _encode(other, digits_data_dir, cache), "another tokenizer")
   _one_line_error(lambda: _encode(str(tmp_path / "missing"), digits_data_dir, tmp_path / "c"),
                   "tokenizer directory not found")

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from test_latents import tiny_tokenizer
 from tesserax import cli
 from tesserax.convert import vae
 from tesserax.data import pipeline
@@ -23,32 +24,10 @@ from tesserax.tokenizers import kl_autoencoder, reconstruct
 RESOLUTION = 16
 
 
-def tiny_config():
-  config = kl_autoencoder.vavae_f16d32()
-  config.update(dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-                     z_channels=4, embed_dim=4, resolution=RESOLUTION))
-  return config
-
-
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-  """A random-weight tokenizer directory in the convert/vae.py format (params.npz,
-  config.json, latent_stats.npz)."""
-  directory = tmp_path_factory.mktemp("tokenizer")
-  config = tiny_config()
-  rng = np.random.default_rng(1)
-  params = {}  # NumPy draws from the shapes: eager flax initialisation takes ~15 s on CPU
-  for path, v in nnx.to_flat_state(nnx.state(nnx.eval_shape(
-      lambda: kl_autoencoder.build(config)), nnx.Param)):
-    key, shape = ".".join(map(str, path)), tuple(v.shape)
-    scale = 1 / np.sqrt(np.prod(shape[:-1])) if path[-1] == "kernel" else 0.1
-    params[key] = ((path[-1] == "scale") + scale * rng.standard_normal(shape)).astype(np.float32)
-  np.savez(directory / "params.npz", **params)
-  np.savez(directory / "latent_stats.npz", mean=np.zeros(4, np.float32),
-           std=np.ones(4, np.float32))
-  (directory / "config.json").write_text(json.dumps({"kind": "vavae-f16d32",
-                                                      "model": config.to_dict()}))
-  return str(directory)
+  """A random-weight tokenizer directory (16x16 -> 8x8x4) in the convert/vae.py format."""
+  return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"), seed=1)
 
 
 @pytest.fixture(scope="module")

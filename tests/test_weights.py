@@ -405,6 +405,31 @@ def test_fetch_checks_sha256(tmp_path, monkeypatch):
   assert len(calls) == 2
 
 
+def test_tokenizer_files_are_fetched_from_their_official_addresses(tmp_path, monkeypatch):
+  """The released tokenizers land where `tesserax convert --src` expects them; the two SD-VAE
+  files of the same name in their own folders."""
+  served = []
+
+  def serve(url, timeout):
+    served.append(url)
+    return io.BytesIO(url.encode())
+
+  monkeypatch.setattr(weights.urllib.request, "urlopen", serve)
+  hub = "https://huggingface.co/"
+  paths = weights.fetch("vavae_f16d32", tmp_path)
+  assert paths == [tmp_path / "vavae-imagenet256-f16d32-dinov2.pt",
+                   tmp_path / "latents_stats.pt"]
+  assert served == [hub + "hustvl/vavae-imagenet256-f16d32-dinov2/resolve/main/"
+                    "vavae-imagenet256-f16d32-dinov2.pt",
+                    hub + "hustvl/vavae-imagenet256-f16d32-dinov2/resolve/main/latents_stats.pt"]
+  for name in ("sd_vae_ft_ema", "sd_vae_ft_mse"):
+    repo = name.replace("_", "-")
+    (path,) = weights.fetch(name, tmp_path)
+    assert path == tmp_path / repo / "diffusion_pytorch_model.safetensors"
+    assert path.read_bytes() == (f"{hub}stabilityai/{repo}/resolve/main/"
+                                 "diffusion_pytorch_model.safetensors").encode()
+
+
 # ------------------------------------------------------------------------------- readers
 
 

@@ -54,7 +54,8 @@ def inception_scorer(ref_path: str, names):
 
 def make_scorer(config):
   if config.eval.kind == "digits":
-    return digits_scorer(config.data.resolution)
+    from tesserax.data import pipeline
+    return digits_scorer(pipeline.image_config(config.data).resolution)
   if config.eval.kind == "inception":
     return inception_scorer(config.eval.ref, config.eval.metrics)
   from tesserax.errors import TesseraxError
@@ -79,14 +80,15 @@ def make_evaluator(config, generate):
   return evaluate
 
 
-def make_reconstruction_evaluator(setup):
-  """`evaluate(setup, params)` of a tokenizer recipe, or None when `eval.every_steps` is 0:
+def make_reconstruction_evaluator(setup, always=False):
+  """`evaluate(setup, params)` of a tokenizer recipe, or None when `eval.every_steps` is 0
+  (unless `always`):
   posterior-mean reconstructions of the first eval.num_samples images of eval.split scored by
   PSNR (uint8) and, for eval.kind "digits", FID-digits against the digits test split; for
   "inception", by eval.metrics of rfid, psnr, ssim, lpips against the originals."""
   from tesserax.eval import metrics
   config = setup.config
-  if not config.eval.every_steps:
+  if not (config.eval.every_steps or always):
     return None
   images = setup.eval_images()
   score = digits_scorer(config.data.resolution) if config.eval.kind == "digits" else None

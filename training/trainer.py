@@ -12,6 +12,7 @@ The train state is a plain pytree:
 The key of step s is fold_in(rng, s), so the randomness of a step does not depend on how the
 run was split into processes, devices or restarts.
 """
+import functools
 import json
 import os
 import signal
@@ -307,14 +308,39 @@ def save_sample_grid(setup, params, path: str):
     grid.save_grid(path, images, nrow=per_class)
 
 
+@functools.lru_cache(maxsize=2)
+def _latent_decoder(cache_dir):
+  from tesserax.data import latents
+  return latents.load_decoder(cache_dir)
+
+
 def generate(setup, params, labels, key, solver, num_steps, shift=1.0, cfg_scale=1.0,
-             interval=(0.0, 1.0), final_correction=True, batch_size=None):
-  """Samples for `labels` (host numpy int32) as a host float32 NHWC array in [-1, 1]."""
+             interval=(0.0, 1.0), final_correction=True, batch_size=None, guided_channels=None):
+  """Samples for `labels` (host numpy int32) as a host float32 NHWC array in [-1, 1]; a model
+  trained on a latent cache (data.data_dir set) has its samples decoded by the cache's
+  tokenizer, one without a cache (a converted checkpoint) returns its normalised latents.
+
+  solver: a flow solver (euler, heun; with shift, interval, final_correction) or, for a DDPM
+  model (objective ddpm, e.g. a converted DiT), ddpm (ancestral) or ddim, with num_steps
+  respaced steps of the 1000 (sampling/ddpm.py). guided_channels: None guides every channel,
+  k only the first k (the official DiT/LightningDiT quirk)."""
+  from tesserax.sampling import ddpm as ddpm_sampling
   from tesserax.sampling.sample import make_sampler
   c = setup.config
-  sampler = make_sampler(setup.apply_velocity, solver=solver, num_steps=num_steps, shift=shift,
-                         cfg_scale=cfg_scale, interval=interval, null_label=c.model.num_classes,
-                         final_correction=final_correction, mesh=setup.mesh)
+  if solver in ddpm_sampling.METHODS:
+    if c.objective.name != "ddpm":
+      raise TesseraxError(f"sampler {solver} needs a DDPM model (objective ddpm, e.g. a "
+                          f"converted DiT); this one is {c.objective.name}: use euler or heun")
+    predict = lambda params, x, steps, y: ddpm.predict(setup.model(params), x, steps, y)
+    sampler = ddpm_sampling.make_ddpm_sampler(
+        predict, method=solver, num_steps=num_steps, cfg_scale=cfg_scale,
+        guided_channels=guided_channels, null_label=c.model.num_classes)
+  else:
+    flow_sampler = make_sampler(
+        setup.apply_velocity, solver=solver, num_steps=num_steps, shift=shift,
+        cfg_scale=cfg_scale, interval=interval, null_label=c.model.num_classes,
+        final_correction=final_correction, mesh=setup.mesh, guided_channels=guided_channels)
+    sampler = lambda params, noise, labels, key: flow_sampler(params, noise, labels)
   shape = (c.data.resolution, c.data.resolution, c.model.in_channels)
   batch_size = batch_size or len(labels)
   devices = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
@@ -324,9 +350,12 @@ def generate(setup, params, labels, key, solver, num_steps, shift=1.0, cfg_scale
     padded = -(-len(chunk) // devices) * devices
     noise = sharding.sharded_normal(jax.random.fold_in(key, i), (padded,) + shape, setup.mesh)
     chunk = sharding.host_to_global(np.pad(chunk, (0, padded - len(chunk))), setup.mesh)
-    x0 = sharding.global_to_host(sampler(params, noise, chunk))
+    x0 = sharding.global_to_host(sampler(params, noise, chunk, jax.random.fold_in(jax.random.fold_in(key, i), 1)))
     out.append(x0[:min(batch_size, len(labels) - start)])
-  return np.concatenate(out)
+  samples = np.concatenate(out)
+  if c.data.name == "latents" and c.data.data_dir:
+    return _latent_decoder(os.path.abspath(c.data.data_dir))(samples)
+  return samples
 
 
 def load_workdir(workdir: str):
