@@ -67,16 +67,16 @@ def sampler_for(setup, nfe: int):
   c = setup.config
   if c.objective.name == "ddpm":
     apply = lambda p, x, s, y: ddpm.predict(setup.model(p), x, s, y)
-    sample = make_ddpm_sampler(apply, method="ddpm", num_steps=nfe, cfg_scale=c.eval.cfg_scale,
-                               guided_channels=c.eval.guided_channels,
+    sample = make_ddpm_sampler(apply, method="ddpm", num_steps=nfe, cfg_scale=c.sample.cfg_scale,
+                               guided_channels=c.sample.guided_channels,
                                null_label=c.model.num_classes)
     key = jax.random.PRNGKey(0)
     return (lambda p, x, y: sample(p, x, y, key)), nfe
-  lo, hi = c.eval.interval
-  sample = make_sampler(setup.apply_velocity, solver="euler", num_steps=nfe, shift=c.eval.shift,
-                        cfg_scale=c.eval.cfg_scale, interval=(lo, hi),
+  lo, hi = c.sample.interval
+  sample = make_sampler(setup.apply_velocity, solver="euler", num_steps=nfe, shift=c.sample.shift,
+                        cfg_scale=c.sample.cfg_scale, interval=(lo, hi),
                         null_label=c.model.num_classes, mesh=setup.mesh)
-  times = np.asarray(time_grid(nfe, c.eval.shift))[:-1]
+  times = np.asarray(time_grid(nfe, c.sample.shift))[:-1]
   return sample, int(np.sum((times > lo) & (times <= hi)))
 
 

@@ -6,7 +6,7 @@ Objective: DDPM epsilon prediction on 1000 linear betas, loss MSE + VB (objectiv
 Optimizer: AdamW, lr 1e-4 constant, betas (0.9, 0.999), no weight decay, global batch 256, EMA
            0.9999; 7M steps at 256 (~1400 epochs), 3M at 512. bfloat16 compute with float32
            parameters (the official code trains in fp32/TF32).
-Sampling:  `eval`: DDPM with 250 respaced steps and cfg 1.5 on the first 3 channels
+Sampling:  `sample`: DDPM with 250 respaced steps and cfg 1.5 on the first 3 channels
            (sampling/ddpm.py make_ddpm_sampler, guided_channels=3), as for the paper's FIDs;
            sample.py uses cfg 4.0 for pictures.
 Data:      `data.name='latents'`, an ImageNet latent cache through sd-vae-ft-ema times 0.18215
@@ -46,6 +46,6 @@ def get_config(arg="256"):
   config.checkpoint.every_steps = 50_000
   config.checkpoint.keep_every = 500_000
   config.sample.every_steps = 0  # a grid of 1000 classes is an evaluation job here
-  config.eval.update(dict(sampler="ddpm", num_steps=250, cfg_scale=1.5, guided_channels=3,
-                     num_samples=50_000))
+  config.sample.update(dict(solver="ddpm", num_steps=250, cfg_scale=1.5, guided_channels=3))
+  config.eval.num_samples = 50_000
   return config

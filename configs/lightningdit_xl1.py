@@ -10,7 +10,7 @@ Objective: rectified flow, logit-normal(0, 1) t, velocity MSE + the cosine (velo
 Optimizer: AdamW, lr 2e-4 constant, betas (0.9, 0.95), no weight decay, no clipping, global
            batch 1024, EMA 0.9999; 80K steps (64 epochs) or ~1M steps (800 epochs; the authors
            turned logit-normal sampling off at 600K, LightningDiT #23). bfloat16 compute.
-Sampling:  `eval`: Euler, 250 steps, shift 0.3 in their convention (= 1/0.3 here,
+Sampling:  `sample`: Euler, 250 steps, shift 0.3 in their convention (= 1/0.3 here,
            sampling/timesteps.py), cfg 10.0 (64ep) / 6.7 (800ep) on the first 3 channels, off
            for t_theirs < 0.10 / 0.125, i.e. guidance interval (0, 0.9] / (0, 0.875] here.
 Data:      `data.name='latents'`, VA-VAE f16d32 latents normalised per channel (latents_stats.pt,
@@ -51,7 +51,7 @@ def get_config(arg="64ep"):
   config.checkpoint.every_steps = 10_000
   config.checkpoint.keep_every = 100_000
   config.sample.every_steps = 0  # a grid of 1000 classes is an evaluation job here
-  config.eval.update(dict(sampler="euler", num_steps=250, shift=1 / 0.3, cfg_scale=cfg_scale,
-                     interval=(0.0, 1.0 - interval_start), guided_channels=3,
-                     num_samples=50_000))
+  config.sample.update(dict(solver="euler", num_steps=250, shift=1 / 0.3, cfg_scale=cfg_scale,
+                            interval=(0.0, 1.0 - interval_start), guided_channels=3))
+  config.eval.num_samples = 50_000
   return config

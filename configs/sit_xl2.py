@@ -7,7 +7,7 @@ Model:     SiT-XL/2 = DiT-XL/2's network (675,129,632 parameters) fed t raw with
 Objective: rectified flow (the linear path), uniform t, velocity MSE.
 Optimizer: AdamW, lr 1e-4 constant, betas (0.9, 0.999), no weight decay, global batch 256, EMA
            0.9999, 7M steps (~1400 epochs); bfloat16 compute, float32 parameters.
-Sampling:  `eval`: Heun ODE, 125 steps (250 NFE), cfg 1.5 on the first 3 channels (SiT #18);
+Sampling:  `sample`: Heun ODE, 125 steps (250 NFE), cfg 1.5 on the first 3 channels (SiT #18);
            the paper's headline 2.06 is an SDE sampler, which tesserax does not have.
 Data:      `data.name='latents'`, an ImageNet latent cache through sd-vae-ft-ema times 0.18215
            with flipped copies. The latent-cache dataset arrives with the tokenizer issue.
@@ -29,5 +29,5 @@ def get_config(arg=None):
   config.model = dit.sit_config("XL/2", dtype="bfloat16")
   config.objective = dict(name="rectified_flow", time_sampling="uniform", logit_mean=0.0,
                           logit_std=1.0)
-  config.eval.update(dict(sampler="heun", num_steps=125, shift=1.0, interval=(0.0, 1.0)))
+  config.sample.update(dict(solver="heun", num_steps=125, shift=1.0, interval=(0.0, 1.0)))
   return config

@@ -26,6 +26,9 @@ from tesserax.sampling.ddpm import make_ddpm_sampler
 from tesserax.training import checkpoint, sharding, trainer
 from test_dit_family import numpy_forward, official_shapes, random_state_dict
 
+# One worker builds the module fixtures (compiled once) under `--dist loadgroup`.
+pytestmark = pytest.mark.xdist_group("converted_dit")
+
 # kind: (tiny official architecture, overrides that shrink the kind's recipe to it)
 TINY = {
     "dit-xl-2-256": dict(depth=2, hidden=32, heads=4, patch=2, in_channels=4, grid=4,

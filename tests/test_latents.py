@@ -17,6 +17,9 @@ from tesserax.data import pipeline
 from tesserax.errors import TesseraxError
 from tesserax.tokenizers import kl_autoencoder
 
+# One worker builds the module fixtures (compiled once) under `--dist loadgroup`.
+pytestmark = pytest.mark.xdist_group("latent_cache")
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEED, SHARD, BATCH = 3, 64, 32  # the digits test split (297 examples) in 5 shards
 NUM_EXAMPLES = 297

@@ -15,6 +15,9 @@ from tesserax.data.preprocess import resize_uint8, to_model_range
 from tesserax.tokenizers import kl_autoencoder, losses
 from tesserax.training import checkpoint, config as config_lib, sharding, trainer
 
+# One worker builds the module fixtures (compiled once) under `--dist loadgroup`.
+pytestmark = pytest.mark.xdist_group("tokenizer_training")
+
 
 @pytest.fixture(scope="module")
 def trained(digits_data_dir, tmp_path_factory):
@@ -68,8 +71,11 @@ def test_loss_and_adaptive_weights_match_separate_gradients(trained):
     return losses.vf_loss(model.linear_proj(z), target, 0.5, 0.25)
 
   params = state["params"]
-  values = {k: float(term(k, params)) for k in ("nll", "kl", "g_loss", "vf_loss")}
-  grads = {k: jax.grad(lambda p: term(k, p))(params) for k in values}
+  names = ("nll", "kl", "g_loss", "vf_loss")
+  values_and_grads = jax.jit(lambda p: {k: jax.value_and_grad(lambda q: term(k, q))(p)
+                                        for k in names})(params)
+  values = {k: float(v) for k, (v, _) in values_and_grads.items()}
+  grads = {k: g for k, (_, g) in values_and_grads.items()}
   kernel = lambda g, part: np.asarray(g["autoencoder"][part]["conv_out"]["kernel"], np.float64)
   ratio = lambda a, b: np.linalg.norm(a) / (np.linalg.norm(b) + 1e-4)
   d_weight = 0.5 * min(ratio(kernel(grads["nll"], "decoder"), kernel(grads["g_loss"], "decoder")), 1e4)

@@ -263,7 +263,8 @@ def check_images(images, resolution, channels=3):
     raise TesseraxError(f"images of shape {tuple(images.shape)}; this tokenizer takes "
                         f"[N, {resolution}, {resolution}, {channels}]")
   if not isinstance(images, jax.core.Tracer):
-    lo, hi = float(jnp.min(images)), float(jnp.max(images))
+    values = np.asarray(images)  # concrete: checked on the host, outside any trace
+    lo, hi = float(values.min()), float(values.max())
     if lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
       raise TesseraxError(f"image values in [{lo:.3g}, {hi:.3g}]; tokenizers take floats in "
                           "[-1, 1] (x / 127.5 - 1 for uint8)")

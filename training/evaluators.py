@@ -73,7 +73,8 @@ def make_evaluator(config, generate):
 
   def evaluate(setup, params):
     images = generate(setup, params, labels, jax.random.PRNGKey(config.seed + 1), s.solver,
-                      s.num_steps, s.shift, s.cfg_scale, batch_size=config.eval.batch_size)
+                      s.num_steps, s.shift, s.cfg_scale, tuple(s.interval),
+                      batch_size=config.eval.batch_size, guided_channels=s.guided_channels)
     return {f"eval/{k}": float(v) for k, v in score(images, labels).items()
             if k != "num_samples"}
 

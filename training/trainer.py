@@ -301,8 +301,9 @@ def save_sample_grid(setup, params, path: str):
   c = setup.config
   per_class = c.sample.num_per_class
   labels = np.repeat(np.arange(c.model.num_classes, dtype=np.int32), per_class)
-  images = generate(setup, params, labels, jax.random.PRNGKey(c.seed), c.sample.solver,
-                    c.sample.num_steps, c.sample.shift, c.sample.cfg_scale)
+  s = c.sample
+  images = generate(setup, params, labels, jax.random.PRNGKey(c.seed), s.solver, s.num_steps,
+                    s.shift, s.cfg_scale, tuple(s.interval), guided_channels=s.guided_channels)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     grid.save_grid(path, images, nrow=per_class)
