@@ -222,6 +222,15 @@ def _process_share(total):
   return total // count + (index < total % count)
 
 
+def _fitted_batch(batch_size, images, mesh):
+  """batch_size, or the size of an in-memory array smaller than it (padding 10 images to a
+  batch of 100 costs 10x). Streams and meshes keep batch_size: every process must run the
+  same shapes."""
+  if mesh is None and isinstance(images, (np.ndarray, jax.Array)) and 0 < len(images):
+    return min(batch_size, len(images))
+  return batch_size
+
+
 def accumulate(images, *, inception=None, dinov2=None, mode="adm", num_samples=None,
                batch_size=100, mesh=None, keep_rows=False, keep_images=0, name="samples"):
   """Runs images through the given backbones and accumulates their statistics.
@@ -233,6 +242,7 @@ def accumulate(images, *, inception=None, dinov2=None, mode="adm", num_samples=N
   process order); for DINOv2 "dinov2"; with keep_images > 0 "images": the first keep_images
   uint8 images of this process}.
   """
+  batch_size = _fitted_batch(batch_size, images, mesh)
   runners = []
   if inception is not None:
     runners.append(batched(inception_outputs, inception, batch_size=batch_size, mesh=mesh,
@@ -464,6 +474,7 @@ def reconstruction_metrics(originals, reconstructions, metrics=RECONSTRUCTION_ME
   metrics asked, plus "num_samples".
   """
   metrics = check_metrics(metrics, RECONSTRUCTION_METRICS)
+  batch_size = _fitted_batch(batch_size, originals, mesh)
   kwargs = dict(batch_size=batch_size, mesh=mesh)
   if "rfid" in metrics:
     inception = inception if inception is not None else weights.load("inception")

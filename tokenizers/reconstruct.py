@@ -96,12 +96,17 @@ def reconstruct(model, images, batch_size=32) -> np.ndarray:
   """decode(posterior mean of encode(images)) clipped to [-1, 1], float32 [N, R, R, 3].
 
   Fixed batches (the last padded; batch_size rounded up to a multiple of the local devices),
-  each split over a 1-axis mesh of the local devices with the model replicated.
+  each split over a 1-axis mesh of the local devices with the model replicated. A grayscale
+  tokenizer (in_channels 1) takes the first channel of the (tiled) images and its
+  reconstructions are tiled back to 3 channels.
   """
   images = np.asarray(images, np.float32)
   if not len(images):
     raise TesseraxError("no images to reconstruct")
-  kl_autoencoder.check_images(images, model.resolution)
+  gray = model.channels == 1 and images.shape[-1] == 3
+  if gray:
+    images = images[..., :1]
+  kl_autoencoder.check_images(images, model.resolution, model.channels)
   devices = jax.local_devices()
   batch_size = -(-batch_size // len(devices)) * len(devices)
   mesh = Mesh(np.array(devices), ("data",))
@@ -114,7 +119,8 @@ def reconstruct(model, images, batch_size=32) -> np.ndarray:
                                             np.float32)])
     batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
     out.append(np.asarray(_reconstruct(graphdef, state, batch)))
-  return np.concatenate(out)[:len(images)]
+  out = np.concatenate(out)[:len(images)]
+  return np.repeat(out, 3, axis=-1) if gray else out
 
 
 def pairs(model, batches, batch_size=32, total=None, log=print):
