@@ -1,9 +1,9 @@
 """The `tesserax` command.
 
-  tesserax demo   [--workdir DIR] [--config.KEY=VALUE ...]
+  tesserax demo   [--latent] [--workdir DIR] [--config.KEY=VALUE ...]
   tesserax train  --config NAME_OR_PATH[:ARG] --workdir DIR [--init_from DIR] [--config.KEY=VALUE ...]
   tesserax sample --workdir DIR --num N --sampler euler|heun|ddpm|ddim --steps K [--cfg S]
-                  [--interval LO HI] [--guided_channels K] --out FILE.npz
+                  [--interval LO HI] [--guided_channels K] [--tokenizer DIR] --out FILE.npz
   tesserax eval   --samples FILE.npz|DIR [--ref REF.npz] --metrics fid,sfid,is,pr,fd_dinov2
   tesserax eval   --samples FILE.npz --metrics fid_digits,accuracy
   tesserax reconstruct --tokenizer DIR --data FOLDER|NAME [--split S] [--resolution R] [--num N] --out DIR
