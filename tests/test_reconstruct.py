@@ -10,7 +10,6 @@ import os
 import ml_collections
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
 
 from test_latents import tiny_tokenizer
@@ -19,7 +18,7 @@ from tesserax.convert import vae
 from tesserax.data import pipeline
 from tesserax.data.preprocess import resize_center_crop, to_model_range, to_uint8
 from tesserax.eval import metrics
-from tesserax.tokenizers import kl_autoencoder, reconstruct
+from tesserax.tokenizers import reconstruct
 
 RESOLUTION = 16
 

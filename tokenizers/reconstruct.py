@@ -22,12 +22,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from tesserax.data import pipeline, preprocess
 from tesserax.errors import TesseraxError
 from tesserax.tokenizers import kl_autoencoder
+from tesserax.training import sharding
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Prepared datasets and their held-out split (the default of --split).
@@ -92,12 +93,13 @@ def _reconstruct(graphdef, state, images):
   return jnp.clip(model.decode(model.encode(images)), -1.0, 1.0)
 
 
-def reconstruct(model, images, batch_size=32) -> np.ndarray:
-  """decode(posterior mean of encode(images)) clipped to [-1, 1], float32 [N, R, R, 3].
+def reconstruct(model, images, batch_size=32, mesh=None) -> np.ndarray:
+  """decode(posterior mean of encode(images)) clipped to [-1, 1], float32 [N, R, R, C].
 
-  Fixed batches (the last padded; batch_size rounded up to a multiple of the local devices),
-  each split over a 1-axis mesh of the local devices with the model replicated. A grayscale
-  tokenizer (in_channels 1) takes the first channel of the (tiled) images and its
+  Fixed batches (the last padded; batch_size rounded up to a multiple of the devices), each
+  split over the batch axes of `mesh` (a training mesh: every process holds all `images`;
+  default a 1-axis mesh of the local devices) with the model replicated. A grayscale
+  tokenizer (in_channels 1) given 3-channel (tiled) images takes their first channel and its
   reconstructions are tiled back to 3 channels.
   """
   images = np.asarray(images, np.float32)
@@ -107,9 +109,11 @@ def reconstruct(model, images, batch_size=32) -> np.ndarray:
   if gray:
     images = images[..., :1]
   kl_autoencoder.check_images(images, model.resolution, model.channels)
-  devices = jax.local_devices()
-  batch_size = -(-batch_size // len(devices)) * len(devices)
-  mesh = Mesh(np.array(devices), ("data",))
+  if mesh is None:
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(fsdp=1, tensor=1)),
+                              jax.local_devices())
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  batch_size = -(-batch_size // shards) * shards
   graphdef, state = nnx.split(model)
   state = jax.device_put(state, NamedSharding(mesh, P()))
   out = []
@@ -117,8 +121,8 @@ def reconstruct(model, images, batch_size=32) -> np.ndarray:
     batch = images[start:start + batch_size]
     batch = np.concatenate([batch, np.zeros((batch_size - len(batch),) + batch.shape[1:],
                                             np.float32)])
-    batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
-    out.append(np.asarray(_reconstruct(graphdef, state, batch)))
+    batch = sharding.host_to_global(batch, mesh)
+    out.append(sharding.global_to_host(_reconstruct(graphdef, state, batch)))
   out = np.concatenate(out)[:len(images)]
   return np.repeat(out, 3, axis=-1) if gray else out
 

@@ -40,7 +40,7 @@ from flax import nnx, traverse_util
 from tesserax.data import pipeline
 from tesserax.data.preprocess import to_model_range
 from tesserax.errors import TesseraxError
-from tesserax.tokenizers import kl_autoencoder, losses
+from tesserax.tokenizers import kl_autoencoder, losses, reconstruct
 from tesserax.training import optim, sharding, trainer
 
 TOKENIZERS = {"kl_autoencoder": kl_autoencoder.KLAutoencoder}
@@ -111,14 +111,11 @@ class TokenizerSetup:
     self.state_shardings = jax.tree.map(lambda _: rep, abstract_state)
     self.abstract_state = trainer.shard_abstract(abstract_state, self.state_shardings)
     self.init = jax.jit(self._init, out_shardings=self.state_shardings)
-    batch_sh = {"image": sharding.batch_sharding(mesh, 4), "label": sharding.batch_sharding(mesh, 1)}
+    batch_sh = {"image": sharding.batch_sharding(mesh, 4),
+                "label": sharding.batch_sharding(mesh, 1)}
     step = jax.jit(self._train_step, in_shardings=(self.state_shardings, batch_sh, rep),
                    out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
     self.train_step = lambda state, batch: step(state, batch, self.frozen)
-    self._reconstruct = jax.jit(
-        lambda params, x: nnx.merge(self.graphdef, params).autoencoder(x)[0],
-        in_shardings=(rep, sharding.batch_sharding(mesh, 4)),
-        out_shardings=sharding.batch_sharding(mesh, 4))
 
   def _build(self):
     return Tokenizer(self.config, self.feature_dim, rngs=nnx.Rngs(self.config.seed))
@@ -220,17 +217,11 @@ class TokenizerSetup:
   # ------------------------------------------------------------------ evaluation and export
 
   def reconstruct(self, params, images, batch_size=None):
-    """Posterior-mean reconstructions of host images [-1, 1], in padded batches over the
-    batch-sharded devices."""
-    devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    batch_size = -(-(batch_size or self.config.eval.batch_size) // devices) * devices
-    out = []
-    for start in range(0, len(images), batch_size):
-      chunk = images[start:start + batch_size]
-      padded = np.pad(chunk, ((0, batch_size - len(chunk)),) + ((0, 0),) * 3)
-      rec = self._reconstruct(params, sharding.host_to_global(padded, self.mesh))
-      out.append(sharding.global_to_host(rec)[:len(chunk)])
-    return np.concatenate(out)
+    """Posterior-mean reconstructions (tokenizers/reconstruct.py) of host images in [-1, 1]
+    by the autoencoder at `params`, over the training mesh."""
+    model = nnx.merge(self.graphdef, params).autoencoder
+    return reconstruct.reconstruct(model, images, batch_size or self.config.eval.batch_size,
+                                   self.mesh)
 
   def eval_images(self, split=None, limit=None):
     """The first `limit` (default eval.num_samples) images of `split` (default eval.split) as

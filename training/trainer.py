@@ -351,7 +351,8 @@ def generate(setup, params, labels, key, solver, num_steps, shift=1.0, cfg_scale
     padded = -(-len(chunk) // devices) * devices
     noise = sharding.sharded_normal(jax.random.fold_in(key, i), (padded,) + shape, setup.mesh)
     chunk = sharding.host_to_global(np.pad(chunk, (0, padded - len(chunk))), setup.mesh)
-    x0 = sharding.global_to_host(sampler(params, noise, chunk, jax.random.fold_in(jax.random.fold_in(key, i), 1)))
+    ancestral_key = jax.random.fold_in(jax.random.fold_in(key, i), 1)  # DDPM's noise draws
+    x0 = sharding.global_to_host(sampler(params, noise, chunk, ancestral_key))
     out.append(x0[:min(batch_size, len(labels) - start)])
   samples = np.concatenate(out)
   if c.data.name == "latents" and c.data.data_dir:
