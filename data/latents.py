@@ -40,7 +40,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tensorflow_datasets.core import naming
 
 from tesserax.convert import vae
@@ -48,6 +48,7 @@ from tesserax.data import pipeline
 from tesserax.data import preprocess
 from tesserax.errors import TesseraxError
 from tesserax.tokenizers import kl_autoencoder
+from tesserax.training import sharding
 
 NAME = "latents"
 INFO_FILE = "cache.json"
@@ -92,11 +93,6 @@ def open_cache(cache_dir):
     raise TesseraxError(f"no complete latent cache in {cache_dir!r} (data.data_dir); write it "
                         "with `tesserax data encode NAME --tokenizer DIR --out CACHE`")
   return tfds.builder_from_directory(cache_dir)
-
-
-def _local_mesh():
-  """A 1-axis mesh over this process's devices: each process encodes its own shards."""
-  return Mesh(np.asarray(jax.local_devices()), ("batch",))
 
 
 def _padded(x, size):
@@ -171,7 +167,7 @@ def _encoder(model, mesh, seed):
   batch split over `mesh`."""
   graphdef, state = nnx.split(model)
   state = jax.device_put(state, NamedSharding(mesh, P()))
-  batch = NamedSharding(mesh, P("batch"))
+  batch = NamedSharding(mesh, P(sharding.BATCH_AXES))
 
   def run(images, indices):
     z, z_flip = _encode_batch(graphdef, state, jax.device_put(images, batch),
@@ -286,7 +282,7 @@ def encode(tokenizer_dir, data_cfg, out_dir, *, splits=("train",), batch_size: i
   _barrier("tesserax latents claim")
   _claim(out_dir, info, write=False)
 
-  mesh = _local_mesh()
+  mesh = sharding.local_mesh()
   run = _encoder(model, mesh, seed)
   padded_batch = -(-batch_size // mesh.size) * mesh.size
   features = _features(model.latent_shape, data_cfg.num_classes)
@@ -344,11 +340,11 @@ def make_decoder(model, stats, image_channels=None, batch_size: int = 64):
   clipped to [-1, 1]: latents * std + mean decoded by the KL tokenizer `model`, in jitted
   batches sharded over the local devices. C is `image_channels` (default the tokenizer's): 1
   for grayscale images tiled for an RGB tokenizer gives the mean of the decoded channels."""
-  mesh = _local_mesh()
+  mesh = sharding.local_mesh()
   padded_batch = -(-batch_size // mesh.size) * mesh.size
   graphdef, state = nnx.split(model)
   state = jax.device_put(state, NamedSharding(mesh, P()))
-  batch = NamedSharding(mesh, P("batch"))
+  batch = NamedSharding(mesh, P(sharding.BATCH_AXES))
   gray = image_channels not in (None, model.channels)
   stats = {k: np.asarray(stats[k], np.float32) for k in ("mean", "std")}
 

@@ -110,8 +110,7 @@ def reconstruct(model, images, batch_size=32, mesh=None) -> np.ndarray:
     images = images[..., :1]
   kl_autoencoder.check_images(images, model.resolution, model.channels)
   if mesh is None:
-    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(fsdp=1, tensor=1)),
-                              jax.local_devices())
+    mesh = sharding.local_mesh()
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   batch_size = -(-batch_size // shards) * shards
   graphdef, state = nnx.split(model)

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx, traverse_util
+from flax import nnx
 
 from tesserax.data import pipeline
 from tesserax.data.preprocess import to_model_range
@@ -250,7 +250,6 @@ class TokenizerSetup:
     """WORKDIR/tokenizer: the EMA autoencoder and per-channel statistics of posterior samples
     of eval.num_samples training images (convert/vae.py's directory format)."""
     from tesserax.convert import vae
-    params = jax.device_get(state["ema"]["autoencoder"])
     model = nnx.merge(self.graphdef, state["ema"]).autoencoder
     images = self.eval_images(self.config.data.split)
     encode = jax.jit(lambda x, key: model.encode(x, key))
@@ -261,7 +260,6 @@ class TokenizerSetup:
              "std": latents.std((0, 1, 2)).astype(np.float32)}
     if jax.process_index() == 0:
       directory = os.path.join(workdir, "tokenizer")
-      flat = {".".join(map(str, path)): np.asarray(v)
-              for path, v in traverse_util.flatten_dict(params).items()}
-      vae.save_tokenizer(directory, self.config.model.name, self.config.model, flat, stats)
+      vae.save_tokenizer(directory, self.config.model.name, self.config.model,
+                         vae.flat_params(model), stats)
       log(f"exported the EMA tokenizer to {directory}")

@@ -11,6 +11,7 @@ A dimension that the mesh axis does not divide stays replicated rather than fail
 test models run on any mesh.
 """
 import jax
+import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -51,6 +52,12 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   shape = mesh_shape(mesh_config, len(devices))
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
               axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def local_mesh() -> Mesh:
+  """A data-parallel mesh over this process's devices only (work each process does on its
+  own: encoding its shards of a latent cache, reconstructing an evaluation set)."""
+  return make_mesh(ml_collections.ConfigDict({"fsdp": 1, "tensor": 1}), jax.local_devices())
 
 
 def logical_to_spec(names, shape, mesh: Mesh, rules=RULES) -> P:
