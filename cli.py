@@ -2,8 +2,9 @@
 
   tesserax demo   [--latent] [--workdir DIR] [--config.KEY=VALUE ...]
   tesserax train  --config NAME_OR_PATH[:ARG] --workdir DIR [--init_from DIR] [--config.KEY=VALUE ...]
-  tesserax sample --workdir DIR --num N --sampler euler|heun|ddpm|ddim --steps K [--cfg S]
-                  [--interval LO HI] [--guided_channels K] [--tokenizer DIR] --out FILE.npz
+  tesserax sample --workdir DIR --num N [--sampler NAME] [--steps K] [--cfg S]
+                  [--interval LO HI] [--guided_channels K] [--sample.KEY=VALUE ...]
+                  [--tokenizer DIR] --out FILE.npz
   tesserax eval   --samples FILE.npz|DIR [--ref REF.npz] --metrics fid,sfid,is,pr,fd_dinov2
   tesserax eval   --samples FILE.npz --metrics fid_digits,accuracy
   tesserax reconstruct --tokenizer DIR --data FOLDER|NAME [--split S] [--resolution R] [--num N] --out DIR
@@ -23,8 +24,9 @@ import json
 import os
 import sys
 
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 
+IMAGE_DATASETS = ("digits", "image_folder", "imagenet2012")
 MULTIHOST_HELP = ("multi-host: on TPU pods and SLURM the processes find each other automatically; "
                   "otherwise pass --coordinator_address HOST:PORT --num_processes N --process_id I "
                   "to every process")
@@ -37,13 +39,13 @@ def _add_distributed_flags(parser):
   group.add_argument("--process_id", type=int, default=None)
 
 
-def _split_config_overrides(argv):
-  """Separate `--config.KEY=VALUE` / `--config.KEY VALUE` from the other arguments."""
+def _split_overrides(argv, prefix):
+  """Separate `--PREFIX.KEY=VALUE` / `--PREFIX.KEY VALUE` from the other arguments."""
   overrides, rest, i = {}, [], 0
   while i < len(argv):
     arg = argv[i]
-    if arg.startswith("--config."):
-      key, eq, value = arg[len("--config."):].partition("=")
+    if arg.startswith(f"--{prefix}."):
+      key, eq, value = arg[len(prefix) + 3:].partition("=")
       if not eq:
         if i + 1 >= len(argv):
           raise TesseraxError(f"{arg} needs a value")
@@ -56,9 +58,12 @@ def _split_config_overrides(argv):
 
 
 def _parser():
+  from tesserax.core import registry
+  import tesserax.convert  # noqa: F401  (registers every built-in entry, converters included)
   parser = argparse.ArgumentParser(
       prog="tesserax", description="JAX/Flax generative image modelling: train, sample, evaluate.",
-      epilog="Any training command also takes --config.KEY=VALUE overrides of the recipe.")
+      epilog="train and demo take --config.KEY=VALUE overrides of the recipe; sample takes "
+             "--sample.KEY=VALUE overrides of the workdir's sample settings.")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
   demo = sub.add_parser(
@@ -85,22 +90,29 @@ def _parser():
                      help="a checkpoints/ directory whose latest params and EMA start the run")
   _add_distributed_flags(train)
 
-  sample = sub.add_parser("sample", help="sample from a trained workdir into an ADM-style .npz",
-                          description="Writes arr_0 (uint8 NHWC images) and arr_1 (labels).")
+  sample = sub.add_parser(
+      "sample", help="sample from a trained workdir into an ADM-style .npz",
+      description="Writes arr_0 (uint8 NHWC images) and arr_1 (labels). The sampler settings "
+                  "are the flags below (default: euler, 32 steps, no shift, no guidance); any "
+                  "key of the sample config can also be set as --sample.KEY=VALUE (solver, "
+                  "num_steps, shift, cfg_scale, interval, guided_channels, "
+                  "final_correction), and a flag given explicitly wins. A sampler that needs "
+                  "another prediction than the model gives is refused in one line.")
   sample.add_argument("--workdir", required=True)
   sample.add_argument("--num", type=int, required=True, help="number of samples")
-  sample.add_argument("--sampler", default="euler", choices=("euler", "heun", "ddpm", "ddim"),
-                      help="flow solvers euler, heun; for DDPM models (a converted DiT) ddpm "
-                           "(ancestral) or ddim (eta 0), DiT's published setting is ddpm 250")
-  sample.add_argument("--steps", type=int, default=32, help="solver steps (Heun: 2 NFE each; "
-                      "ddpm/ddim: respaced steps of the 1000)")
-  sample.add_argument("--shift", type=float, default=1.0, help="timestep shift s (SD3 form)")
-  sample.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale")
+  sample.add_argument("--sampler", default=None, choices=registry.SAMPLERS.names(),
+                      help="flow solvers euler, heun (velocity); ddpm (ancestral) and ddim "
+                           "(eta 0) for DDPM models (epsilon: a converted DiT, whose published "
+                           "setting is ddpm 250)")
+  sample.add_argument("--steps", type=int, default=None, help="solver steps (Heun: 2 NFE "
+                      "each; ddpm/ddim: respaced steps of the 1000; default 32)")
+  sample.add_argument("--shift", type=float, default=None, help="timestep shift s (SD3 form)")
+  sample.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
   sample.add_argument("--guided_channels", type=int, default=None, metavar="K",
                       help="guide only the first K output channels, the official DiT and "
                            "LightningDiT behaviour (K=3) behind their published FIDs; default: "
                            "all channels")
-  sample.add_argument("--interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
+  sample.add_argument("--interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                       help="guide only for t in (LO, HI] (t = 1 is noise)")
   sample.add_argument("--label", type=int, default=None, help="one class for all samples "
                       "(default: classes in turn)")
@@ -149,8 +161,6 @@ def _parser():
   recon.add_argument("--metrics", default="rfid,psnr,ssim,lpips")
   recon.add_argument("--out", default=None, help="also write the results as JSON here")
 
-  from tesserax.convert import dit as dit_convert, vae as vae_convert
-  kinds = tuple(dit_convert.KINDS) + tuple(vae_convert.KINDS)
   convert = sub.add_parser(
       "convert", help="convert an official checkpoint into a tesserax directory",
       description="DiT-family kinds become a training workdir (config.json + checkpoints/0) "
@@ -159,7 +169,7 @@ def _parser():
                   "Every source key is used once; unknown, missing or misshapen keys are an "
                   "error that lists them. --export writes a DiT-family workdir back to the "
                   "official layout.")
-  convert.add_argument("--kind", required=True, choices=kinds)
+  convert.add_argument("--kind", required=True, choices=registry.CONVERTERS.names())
   convert.add_argument("--src", required=True, help="the official file (.pt needs the torch "
                        "extra; .safetensors needs nothing)")
   convert.add_argument("--out", required=True, help="a new directory")
@@ -186,7 +196,7 @@ def _parser():
   data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
   build = data_sub.add_parser("build", help="prepare a dataset (tfds, array_record)",
                               description="NAME is digits, image_folder or imagenet2012.")
-  build.add_argument("name", choices=("digits", "image_folder", "imagenet2012"))
+  build.add_argument("name", choices=IMAGE_DATASETS)
   build.add_argument("--manual_dir", default=None,
                      help="image_folder: the root folder; imagenet2012: the ILSVRC2012 tars")
   build.add_argument("--data_dir", default="", help="default $TFDS_DATA_DIR or ~/tensorflow_datasets")
@@ -195,7 +205,7 @@ def _parser():
                             description="Writes an ADM-format .npz (arr_0 with --keep images, "
                                         "mu, sigma, mu_s, sigma_s; with --dinov2 also "
                                         "mu_dinov2, sigma_dinov2) of a prepared dataset split.")
-  ref.add_argument("name", choices=("digits", "image_folder", "imagenet2012"))
+  ref.add_argument("name", choices=IMAGE_DATASETS)
   ref.add_argument("--split", default="train")
   ref.add_argument("--resolution", type=int, required=True)
   ref.add_argument("--manual_dir", default="", help="image_folder: the folder it was built from")
@@ -210,7 +220,7 @@ def _parser():
                   "array_record; each example with its horizontally flipped copy; per-channel "
                   "mean/std) that generators train on with --config.data.name=latents "
                   "--config.data.data_dir=CACHE.")
-  encode.add_argument("name", choices=("digits", "image_folder", "imagenet2012"))
+  encode.add_argument("name", choices=IMAGE_DATASETS)
   encode.add_argument("--tokenizer", required=True, help="a tokenizer directory (tesserax "
                       "convert)")
   encode.add_argument("--out", required=True, help="the cache directory")
@@ -247,20 +257,23 @@ def _add_eval_set_flags(parser, required=True):
 
 
 def _initialize_distributed(args):
-  from tesserax.training import distributed
+  from tesserax.core import distributed
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
 
 
 def _cmd_train(args, overrides):
-  from tesserax.training import config as config_lib, trainer
+  import tesserax.tasks  # noqa: F401  (registers the built-in tasks)
+  from tesserax.core import config as config_lib
+  from tesserax.training import loop
   _initialize_distributed(args)
   config = config_lib.load(args.config)
   config_lib.apply_overrides(config, overrides)
-  trainer.train(config, args.workdir, init_from=args.init_from)
+  loop.train(config, args.workdir, init_from=args.init_from)
 
 
 def _cmd_demo(args, overrides):
-  from tesserax.training import config as config_lib, demo
+  from tesserax.core import config as config_lib
+  from tesserax.demos import demo
   config = config_lib.load("digits_latent_dit" if args.latent else "digits_dit")
   config_lib.apply_overrides(config, overrides)
   if args.latent:
@@ -269,20 +282,43 @@ def _cmd_demo(args, overrides):
     demo.run(config, args.workdir or "workdirs/demo")
 
 
+SAMPLE_DEFAULTS = dict(solver="euler", num_steps=32, shift=1.0, cfg_scale=1.0,
+                       interval=(0.0, 1.0), guided_channels=None, final_correction=True)
+
+
+def _sample_settings(config, args, overrides):
+  """The sample config with the command's defaults, then --sample.KEY=VALUE, then the flags
+  given explicitly."""
+  from tesserax.core import config as config_lib
+  settings = config.sample.copy_and_resolve_references()
+  settings.update(SAMPLE_DEFAULTS)
+  try:
+    config_lib.apply_overrides(settings, overrides)
+  except TesseraxError as e:
+    raise TesseraxError(str(e).replace("--config.", "--sample.")) from None
+  flags = {"solver": args.sampler, "num_steps": args.steps, "shift": args.shift,
+           "cfg_scale": args.cfg, "guided_channels": args.guided_channels,
+           "interval": None if args.interval is None else tuple(args.interval)}
+  settings.update({k: v for k, v in flags.items() if v is not None})
+  return settings
+
+
 def _cmd_sample(args, overrides):
   import numpy as np
+  import tesserax.tasks  # noqa: F401  (registers the built-in tasks)
   from tesserax.data.preprocess import to_uint8
-  from tesserax.training.trainer import generate, load_workdir
+  from tesserax.training.task import load_workdir
   _initialize_distributed(args)
-  setup, state = load_workdir(args.workdir)
-  num_classes = setup.config.model.num_classes
+  task, state = load_workdir(args.workdir)
+  settings = _sample_settings(task.config, args, overrides)
+  num_classes = task.config.model.num_classes
   if args.num < 1:
     raise TesseraxError(f"--num must be positive, got {args.num}")
   if args.label is not None and not 0 <= args.label < num_classes:
     raise TesseraxError(f"--label {args.label} is outside [0, {num_classes})")
   labels = (np.full(args.num, args.label, np.int32) if args.label is not None
             else np.arange(args.num, dtype=np.int32) % num_classes)
-  data = setup.config.data
+  data = task.config.data
   without_cache = data.name == "latents" and not data.data_dir
   if without_cache and not args.tokenizer:
     raise TesseraxError("this model samples latents and has no latent cache to decode them "
@@ -292,15 +328,13 @@ def _cmd_sample(args, overrides):
       raise TesseraxError("--tokenizer is for latent models without a cache; this one's "
                           "samples are decoded already" if data.name == "latents" else
                           "--tokenizer is for latent models; this one samples images")
-    from tesserax.convert import vae
-    from tesserax.data import latents
-    decode = latents.make_decoder(*vae.load_tokenizer(args.tokenizer))
+    from tesserax.tokenizers import tokenizer
+    decoder = tokenizer.load(args.tokenizer)
   import jax
-  images = generate(setup, state["params" if args.raw else "ema"], labels,
-                    jax.random.PRNGKey(args.seed), args.sampler, args.steps, args.shift, args.cfg,
-                    tuple(args.interval), batch_size=512, guided_channels=args.guided_channels)
+  images = task.predict["generate"](state["params" if args.raw else "ema"], labels,
+                                    jax.random.PRNGKey(args.seed), settings, batch_size=512)
   if args.tokenizer:
-    images = decode(images)
+    images = decoder.decode_normalized(images)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     np.savez(args.out, arr_0=to_uint8(images), arr_1=labels)
@@ -320,7 +354,7 @@ def _cmd_eval(args, overrides):
   metrics = [m for m in args.metrics.split(",") if m]
   digits = {"fid_digits", "accuracy"}
   if set(metrics) & digits:
-    from tesserax.training import demo
+    from tesserax.demos import demo
     if not set(metrics) <= digits:
       raise TesseraxError("fid_digits/accuracy cannot be mixed with the Inception metrics")
     _report(demo.evaluate_samples_file(args.samples, metrics), args.out)
@@ -337,13 +371,12 @@ def _cmd_eval(args, overrides):
 
 def _reconstruction_pairs(args):
   """The streamed (originals, reconstructions) of --tokenizer on --data."""
-  from tesserax.convert import vae
-  from tesserax.tokenizers import reconstruct
+  from tesserax.tokenizers import reconstruct, tokenizer
   if args.num is not None and args.num < 1:
     raise TesseraxError(f"--num must be positive, got {args.num}")
   if args.batch_size < 1:
     raise TesseraxError(f"--batch_size must be positive, got {args.batch_size}")
-  model, _ = vae.load_tokenizer(args.tokenizer)
+  model = tokenizer.load(args.tokenizer).model
   folder = os.path.isdir(args.data)
   resolution = args.resolution or (reconstruct.OFFICIAL_RESOLUTION if folder
                                    else model.resolution)
@@ -388,16 +421,15 @@ def _cmd_eval_recon(args, overrides):
 
 
 def _cmd_convert(args, overrides):
-  from tesserax.convert import dit, vae
-  if args.kind in vae.KINDS:
-    if args.export:
-      raise TesseraxError("--export is for the DiT-family kinds")
-    print(f"wrote {vae.convert_vae(args.kind, args.src, args.out, stats=args.stats)}")
-  elif args.export:
-    dit.export(args.src, args.out)
+  from tesserax.core import registry
+  converter = registry.CONVERTERS.get(args.kind)
+  if args.export:
+    if converter.export is None:
+      raise TesseraxError(f"--export is not available for --kind {args.kind}")
+    converter.export(args.src, args.out)
     print(f"wrote {args.out}")
   else:
-    print(f"wrote {dit.convert(args.kind, args.src, args.out)}")
+    print(f"wrote {converter.convert(args.kind, args.src, args.out, stats=args.stats)}")
 
 
 def _cmd_weights(args, overrides):
@@ -445,19 +477,15 @@ def _data_reference(args):
 
 
 def _data_encode(args):
-  from tesserax.data import latents
+  from tesserax.tokenizers import cache_encoder, tokenizer
   splits = [s for s in args.splits.split(",") if s]
   if not splits:
     raise TesseraxError("--splits names no split")
   resolution = args.resolution
   if resolution is None:
-    config_path = os.path.join(args.tokenizer, "config.json")
-    if not os.path.isfile(config_path):
-      raise TesseraxError(f"{args.tokenizer} is not a tokenizer directory (no config.json)")
-    with open(config_path) as f:
-      resolution = json.load(f)["model"]["resolution"]
+    resolution = tokenizer.read_config(args.tokenizer)["model"].resolution
   data = _data_config(args.name, args.data_dir, args.manual_dir, resolution, splits[0])
-  latents.encode(args.tokenizer, data, args.out, splits=splits, batch_size=args.batch_size,
+  cache_encoder.encode(args.tokenizer, data, args.out, splits=splits, batch_size=args.batch_size,
                  seed=args.seed, log=print)
   print(f"wrote {args.out}")
 
@@ -473,11 +501,15 @@ def main(argv=None):
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.ERROR)
   try:
-    overrides, rest = _split_config_overrides(argv)
+    config_overrides, rest = _split_overrides(argv, "config")
+    sample_overrides, rest = _split_overrides(rest, "sample")
     args = _parser().parse_args(rest)
-    if overrides and args.command not in ("train", "demo"):
+    if config_overrides and args.command not in ("train", "demo"):
       raise TesseraxError(f"--config.* overrides apply to train and demo, not {args.command}")
-    COMMANDS[args.command](args, overrides)
+    if sample_overrides and args.command != "sample":
+      raise TesseraxError(f"--sample.* overrides apply to sample, not {args.command}")
+    COMMANDS[args.command](args, sample_overrides if args.command == "sample"
+                           else config_overrides)
   except TesseraxError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

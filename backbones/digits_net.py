@@ -1,6 +1,6 @@
 """The `digits` feature network: a small CNN classifier for FID-digits and class accuracy.
 
-It plays the role InceptionV3 plays for ImageNet (reference/fewstep.md §10.7: FID in the
+It plays the role InceptionV3 plays for ImageNet (FID in the
 penultimate-layer features of a small classifier). It is trained deterministically on the
 digits train split (data/digits.py) served at the requested resolution: fixed seed, a fixed
 order of minibatches, a fixed number of Adam steps. The parameters are cached as .npz in the
@@ -20,7 +20,7 @@ from flax import traverse_util
 
 from tesserax.data.digits import NUM_CLASSES, digits_arrays
 from tesserax.data.preprocess import resize_uint8, to_model_range
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 
 VERSION = 1  # bump when the architecture or the training recipe changes
 FEATURES = 128

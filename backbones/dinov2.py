@@ -4,15 +4,16 @@ Architecture as in facebookresearch/dinov2 models/vision_transformer.py and laye
 torch hub settings of hub/backbones.py (img_size 518, patch 14, LayerScale, MLP FFN, no block
 chunks); module and parameter names mirror that state dict. Pre-norm blocks
 x += ls1(attn(norm1(x))); x += ls2(mlp(norm2(x))), LayerNorm eps 1e-6, fused qkv with bias,
-exact-erf GELU. The output is the final-norm CLS token (`x_norm_clstoken`; the hub head is
-Identity), 1024-d for ViT-L.
+exact-erf GELU (nn/'s Attention and Mlp). The output is the final-norm CLS token
+(`x_norm_clstoken`; the hub head is Identity), 1024-d for ViT-L. An evaluation network: every
+matmul runs at HIGHEST precision, and its parameters carry no logical axis names.
 
 The checkpoint's position embedding covers a 37x37 patch grid (518 / 14); at 224 the official
 `interpolate_pos_encoding` resamples it to 16x16 with torch bicubic (A = -0.75,
 align_corners=False, border-clamped taps) at scale_factor (16 + 0.1) / 37, the "+ 0.1" of
 dino#8. That resampling is part of every official forward at 224, so it is reproduced here.
 
-`preprocess` follows dgm-eval, the FD-DINOv2 paper's code (eval.md §4.1): PIL
+`preprocess` follows dgm-eval, the FD-DINOv2 paper's code (Stein et al. 2023): PIL
 `Resize((224, 224), BICUBIC)` on the uint8 image, ToTensor, ImageNet mean/std. (EDM2's
 default, torch bicubic with antialias on floats, skips PIL's uint8 rounding between passes.)
 """
@@ -23,40 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
+from tesserax.nn.attention import Attention
+from tesserax.nn.layers import Mlp
 
 HIGHEST = jax.lax.Precision.HIGHEST
 RESOLUTION = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class Attention(nnx.Module):
-
-  def __init__(self, width, heads, *, rngs):
-    self.heads = heads
-    self.qkv = nnx.Linear(width, 3 * width, precision=HIGHEST, rngs=rngs)
-    self.proj = nnx.Linear(width, width, precision=HIGHEST, rngs=rngs)
-
-  def __call__(self, x):
-    n, length, width = x.shape
-    # qkv output index is (q|k|v, head, head_dim), as the torch reshape(B, N, 3, H, C // H).
-    q, k, v = self.qkv(x).reshape(n, length, 3, self.heads, width // self.heads).transpose(
-        2, 0, 3, 1, 4)
-    attn = jnp.einsum("bhqd,bhkd->bhqk", q * (width // self.heads) ** -0.5, k,
-                      precision=HIGHEST)
-    out = jnp.einsum("bhqk,bhkd->bqhd", jax.nn.softmax(attn, axis=-1), v, precision=HIGHEST)
-    return self.proj(out.reshape(n, length, width))
-
-
-class Mlp(nnx.Module):
-
-  def __init__(self, width, hidden, *, rngs):
-    self.fc1 = nnx.Linear(width, hidden, precision=HIGHEST, rngs=rngs)
-    self.fc2 = nnx.Linear(hidden, width, precision=HIGHEST, rngs=rngs)
-
-  def __call__(self, x):
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
 class LayerScale(nnx.Module):
@@ -73,10 +48,11 @@ class Block(nnx.Module):
   def __init__(self, width, heads, *, rngs):
     norm = functools.partial(nnx.LayerNorm, width, epsilon=1e-6, rngs=rngs)
     self.norm1 = norm()
-    self.attn = Attention(width, heads, rngs=rngs)
+    self.attn = Attention(width, heads, precision=HIGHEST, logical_axes=False, rngs=rngs)
     self.ls1 = LayerScale(width)
     self.norm2 = norm()
-    self.mlp = Mlp(width, 4 * width, rngs=rngs)
+    self.mlp = Mlp(width, 4 * width, approximate_gelu=False, precision=HIGHEST,
+                   logical_axes=False, rngs=rngs)
     self.ls2 = LayerScale(width)
 
   def __call__(self, x):

@@ -1,6 +1,6 @@
 """The FID InceptionV3: the TF "inception-2015-12-05" graph as ported by pytorch-fid.
 
-reference/eval.md §1.2-1.3 and its appendix: module and parameter names mirror the PyTorch
+pytorch-fid inception.py (FIDInceptionA/C/E_1/E_2): module and parameter names mirror the PyTorch
 state dict (`Mixed_6d.branch1x1.conv.kernel` <- `Mixed_6d.branch1x1.conv.weight`), and the
 quirks that separate it from torchvision's InceptionV3 are kept: convolutions without bias,
 BatchNorm eps 1e-3 with running statistics, `count_include_pad=False` average pools in the
@@ -11,10 +11,10 @@ first (data/preprocess.py:to_uint8), so a float batch and the uint8 file written
 the same features. `preprocess` then resizes to 299 and normalises:
   "adm"          the TF graph's own steps (ADM evaluator, torch-fidelity): TF1 ResizeBilinear
                  (align_corners=False, no half-pixel centres, src = dst * in / out), then
-                 (x - 128) / 128 (eval.md §1.3 item 6, §9.2);
+                 (x - 128) / 128 (torch-fidelity interpolate_bilinear_2d_like_tensorflow1x);
   "pytorch_fid"  pytorch-fid's steps: x / 255, F.interpolate bilinear with half-pixel
                  centres, then 2x - 1.
-Convolutions and the head run at HIGHEST precision (eval.md §9.3).
+Convolutions and the head run at HIGHEST precision (no TF32 or bf16 passes).
 """
 import functools
 
@@ -25,12 +25,12 @@ from flax import nnx
 from jax import lax
 from jax.extend import core as jex_core
 
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 
 HIGHEST = lax.Precision.HIGHEST
 RESOLUTION = 299
 POOL_DIM = 2048
-SPATIAL_DIM = 17 * 17 * 7  # sFID: Mixed_6d.branch1x1[..., :7], flattened (eval.md §2.1)
+SPATIAL_DIM = 17 * 17 * 7  # sFID: Mixed_6d.branch1x1[..., :7], flattened (ADM evaluator.py)
 NUM_CLASSES = 1008
 MODES = ("adm", "pytorch_fid")
 
@@ -183,7 +183,7 @@ class InceptionV3(nnx.Module):
   {"pool": pool_3 [N, 2048], "spatial": sFID features [N, 2023], "logits": [N, 1008]}.
 
   "logits" are pool_3 @ fc.kernel without the fc bias, what the ADM evaluator feeds its
-  Inception Score softmax (eval.md §2.1); the loader drops `fc.bias`.
+  Inception Score softmax (ADM evaluator.py); the loader drops `fc.bias`.
   """
 
   def __init__(self, *, rngs: nnx.Rngs):
@@ -213,7 +213,7 @@ class InceptionV3(nnx.Module):
     x = self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x)))
     branches = self.Mixed_6d.branches(x)
     # The sFID features are the branch1x1 output of Mixed_6d (TF `mixed_6/conv`), first 7
-    # channels sliced in NHWC and flattened in (h, w, c) order (eval.md §2.1).
+    # channels sliced in NHWC and flattened in (h, w, c) order (ADM evaluator.py).
     spatial = branches[0][..., :7].reshape(x.shape[0], -1)
     x = self.Mixed_7a(self.Mixed_6e(jnp.concatenate(branches, axis=-1)))
     x = self.Mixed_7c(self.Mixed_7b(x))

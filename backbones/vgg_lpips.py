@@ -1,6 +1,6 @@
 """LPIPS v0.1 with the VGG16 backbone (richzhang/PerceptualSimilarity, lpips 0.1.4).
 
-reference/eval.md §5.4: inputs in [-1, 1]; ScalingLayer (x - shift) / scale; torchvision VGG16
+lpips/lpips.py: inputs in [-1, 1]; ScalingLayer (x - shift) / scale; torchvision VGG16
 `features` tapped at relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (features[0:4], [4:9],
 [9:16], [16:23], [23:30]); each tap unit-normalised over channels, f / (||f||_2 + 1e-10);
 squared difference; the v0.1 linear head `lin{k}` (a bias-free 1x1 convolution to one

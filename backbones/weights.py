@@ -32,7 +32,7 @@ from flax import traverse_util
 from tesserax.backbones.dinov2 import DinoV2
 from tesserax.backbones.inception import InceptionV3
 from tesserax.backbones.vgg_lpips import LPIPS, TORCH_CONV_INDICES
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 
 
 class WeightFile(NamedTuple):
@@ -42,7 +42,7 @@ class WeightFile(NamedTuple):
 
 
 REGISTRY = {
-    # eval.md §1.1: pytorch-fid's FID_WEIGHTS_URL. The sha256 is the one given for the
+    # pytorch-fid inception.py: FID_WEIGHTS_URL. The sha256 is the one given for the
     # torch-fidelity copy, which shares the torch-hub prefix 6726825d and is said to be the
     # same file.
     "inception": (WeightFile(
@@ -55,7 +55,7 @@ REGISTRY = {
         "dinov2_vitl14_pretrain.pth",
         "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth",
         None),),
-    # eval.md §5.4: torchvision's VGG16 and the lpips v0.1 linear heads (lpips/weights/v0.1).
+    # lpips pretrained_networks.py: torchvision's VGG16; v0.1 linear heads (lpips/weights/v0.1).
     "lpips_vgg": (
         WeightFile("vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth",
                    "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0"),
@@ -63,7 +63,7 @@ REGISTRY = {
                    "lpips/weights/v0.1/vgg.pth",
                    "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868"),
     ),
-    # Tokenizers (reference/tokenizers.md §3.5; no checksums published): fetched here, then
+    # Tokenizers (Hugging Face model repos; no checksums published): fetched here, then
     # `tesserax convert --kind vavae-f16d32|sd-vae-ft-ema|sd-vae-ft-mse --src FILE`.
     "vavae_f16d32": (
         WeightFile("vavae-imagenet256-f16d32-dinov2.pt",
@@ -341,8 +341,8 @@ def _expected(factory):
 
 def inception_params(path) -> dict:
   """pt_inception-2015-12-05-6726825d.pth -> InceptionV3 params. `fc.bias` is dropped (the
-  ADM Inception Score uses pool3 @ W without it, eval.md §2.1); BatchNorm
-  `num_batches_tracked` counters are dropped if present (eval.md §1.2)."""
+  ADM Inception Score uses pool3 @ W without it, ADM evaluator.py); BatchNorm
+  `num_batches_tracked` counters are dropped if present (torch BatchNorm buffers)."""
   rules = dict(_torch_rule(k, s) for k, s in _expected(FACTORIES["inception"]).items())
   optional = {k.replace(".running_mean", ".num_batches_tracked"): ()
               for k in rules if k.endswith(".running_mean")}

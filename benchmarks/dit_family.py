@@ -10,15 +10,15 @@ optimizer and sampler settings. On CPU, where XL is skipped by default, `dit_s4`
 latent batch already on the devices, so the figures are the compiled step alone.
 
 - Training: images/s per device; TFLOP/s per device from the analytical forward count
-  (generators/dit.py `forward_flops`, which reproduces DiT's GMACs; reference/generators.md
-  §1.2) times 3 per step (model FLOPs: remat's recomputation is not counted); MFU against the
+  (generators/dit.py `forward_flops`, which reproduces DiT's GMACs; Peebles & Xie
+  2023) times 3 per step (model FLOPs: remat's recomputation is not counted); MFU against the
   published dense bf16 peak where known (H100/H200 989 TFLOP/s) and against an in-run matmul
   baseline (benchmarks/throughput.py).
 - Sampling at 1, 2, 4, 8, 32 and 250 NFE with the published settings: DiT's DDPM sampler
   respaced to NFE steps with cfg 1.5 on 3 channels; LightningDiT's Euler with shift 1/0.3 and
   cfg 6.7 inside the interval (0, 0.875]. Latency at batch 1, throughput at --sample_batch.
   Guided evaluations run on a doubled batch; the FLOP count includes that.
-- Published anchors (§5) are printed with the results: DiT-XL/2 ~108 img/s on one A100 (fast-DiT,
+- Published anchors are printed with the results: DiT-XL/2 ~108 img/s on one A100 (fast-DiT,
   batch 128, fp16), LightningDiT-XL/1 ~285 img/s per H800 (8 GPUs, bf16).
 """
 import argparse
@@ -28,13 +28,14 @@ import platform
 import jax
 import numpy as np
 
+import tesserax.tasks  # noqa: F401  (registers the diffusion task)
 from tesserax.benchmarks.throughput import matmul_tflops, published_peak, timed
+from tesserax.core import config as config_lib, sharding
 from tesserax.generators import dit
-from tesserax.generators.objectives import ddpm
-from tesserax.sampling.ddpm import make_ddpm_sampler
+from tesserax.sampling.ddpm_sampler import make_ddpm_sampler
 from tesserax.sampling.sample import make_sampler
 from tesserax.sampling.timesteps import time_grid
-from tesserax.training import config as config_lib, sharding, trainer
+from tesserax.training import task as task_lib
 
 # name: (recipe, model config or None for the recipe's own)
 MODELS = {
@@ -66,14 +67,14 @@ def sampler_for(setup, nfe: int):
   recipe's published sampler at `nfe` evaluations."""
   c = setup.config
   if c.objective.name == "ddpm":
-    apply = lambda p, x, s, y: ddpm.predict(setup.model(p), x, s, y)
-    sample = make_ddpm_sampler(apply, method="ddpm", num_steps=nfe, cfg_scale=c.sample.cfg_scale,
+    sample = make_ddpm_sampler(setup.predictions()["epsilon"], method="ddpm", num_steps=nfe,
+                               cfg_scale=c.sample.cfg_scale,
                                guided_channels=c.sample.guided_channels,
                                null_label=c.model.num_classes)
     key = jax.random.PRNGKey(0)
     return (lambda p, x, y: sample(p, x, y, key)), nfe
   lo, hi = c.sample.interval
-  sample = make_sampler(setup.apply_velocity, solver="euler", num_steps=nfe, shift=c.sample.shift,
+  sample = make_sampler(setup.predictions()["velocity"], solver="euler", num_steps=nfe, shift=c.sample.shift,
                         cfg_scale=c.sample.cfg_scale, interval=(lo, hi),
                         null_label=c.model.num_classes, mesh=setup.mesh)
   times = np.asarray(time_grid(nfe, c.sample.shift))[:-1]
@@ -84,7 +85,7 @@ def run_model(name, args):
   config = model_config(name, args.dtype)
   config.batch_size = args.batch
   mesh = sharding.make_mesh(config.mesh)
-  setup = trainer.Setup(config, mesh)
+  setup = task_lib.build(config, mesh)
   devices = len(jax.devices())
   shape = (config.model.input_size, config.model.input_size, config.model.in_channels)
   rng = np.random.default_rng(0)

@@ -22,7 +22,7 @@ from tesserax.backbones import inception, weights
 from tesserax.benchmarks.throughput import matmul_tflops, report, timed
 from tesserax.eval import metrics
 from tesserax.eval.frechet import frechet_distance
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 
 
 def load_inception():

@@ -21,8 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import tesserax.tasks  # noqa: F401  (registers the diffusion task)
+from tesserax.core import config as config_lib, sharding
 from tesserax.generators import dit
-from tesserax.training import config as config_lib, sharding, trainer
+from tesserax.training import task as task_lib
 
 PUBLISHED_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -81,7 +83,7 @@ def run(args):
   config = model_config(args.model, args.dtype)
   config.batch_size = args.batch
   mesh = sharding.make_mesh(config.mesh)
-  setup = trainer.Setup(config, mesh)
+  setup = task_lib.build(config, mesh)
   rng = np.random.default_rng(0)
   res, ch = config.data.resolution, config.model.in_channels
   batch = sharding.global_batch({
@@ -114,7 +116,7 @@ def run(args):
   labels = sharding.host_to_global(np.arange(args.batch, dtype=np.int32) % 10, mesh)
   noise = sharding.sharded_normal(jax.random.PRNGKey(0), (args.batch, res, res, ch), mesh)
   for nfe in args.nfe:
-    sampler = make_sampler(setup.apply_velocity, solver="euler", num_steps=nfe,
+    sampler = make_sampler(setup.predictions()["velocity"], solver="euler", num_steps=nfe,
                            null_label=config.model.num_classes, mesh=mesh)
     ema = holder["state"]["ema"]
     seconds = timed(lambda: sampler(ema, noise, labels), max(1, args.repeats // 2))

@@ -10,7 +10,7 @@ Expected: EMA samples at 32 Euler steps are classified as the requested digit > 
 
 `get_config("tiny")` is the test size: a 2-block, width-32 DiT for a few steps.
 """
-from tesserax.training.config import base_config
+from tesserax.core.config import base_config
 
 
 def get_config(arg=None):
@@ -35,10 +35,10 @@ def get_config(arg=None):
   config.checkpoint.every_steps = 500
   config.sample.every_steps = 1000
   config.sample.num_per_class = 10
-  config.eval.kind = "digits"
-  # The demo's sweep (training/demo.py): every sampler at these NFE, with this guidance.
-  config.eval.nfe = (1, 2, 4, 8, 16, 32)
-  config.eval.cfg_scale = 1.0
+  # FID-digits and accuracy of 1,000 samples (off during training; the demo scores them).
+  config.evals.digits = dict(type="digits", every_steps=0, num_samples=1000, batch_size=500)
+  # The demo's sweep (demos/demo.py): every flow sampler at these NFE, with this guidance.
+  config.demo = dict(nfe=(1, 2, 4, 8, 16, 32), cfg_scale=1.0)
   if arg == "tiny":
     config.num_steps = 4
     config.batch_size = 16
@@ -48,7 +48,6 @@ def get_config(arg=None):
     config.model.num_heads = 2
     config.checkpoint.every_steps = 2
     config.sample.every_steps = 0
-    config.eval.num_samples = 20
-    config.eval.batch_size = 20
-    config.eval.nfe = (1, 2)
+    config.evals.digits.update(num_samples=20, batch_size=20)
+    config.demo.nfe = (1, 2)
   return config

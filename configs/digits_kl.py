@@ -4,7 +4,7 @@
 Model:     the LDM KL autoencoder (tokenizers/kl_autoencoder.py) with ch 32, ch_mult (1, 1, 2)
            (f4), one res-block per level, no attention outside the mid block, 4 latent
            channels: 16x16x1 images <-> 4x4x4 latents.
-Loss:      VA-VAE's (tokenizers/training.py): L1 nll (no LPIPS: its VGG weights are not
+Loss:      VA-VAE's (tasks/autoencoder.py): L1 nll (no LPIPS: its VGG weights are not
            offline) + 1e-6 KL + the PatchGAN hinge loss (2 layers, ndf 32, from `disc_start`)
            with the adaptive weight x 0.5 + the VF loss (margins 0.5 / 0.25, adaptive weight x
            0.1) against the digits classifier's 4x4x64 feature map, standing in for DINOv2.
@@ -20,11 +20,12 @@ Expected: see README, "Tokenizers" (PSNR and FID-digits of test-split reconstruc
 
 `get_config("tiny")` is the test size.
 """
-from tesserax.training.config import base_config
+from tesserax.core.config import base_config
 
 
 def get_config(arg=None):
   config = base_config()
+  config.task = "autoencoder"
   config.seed = 0
   config.num_steps = 2000
   config.batch_size = 32
@@ -44,8 +45,10 @@ def get_config(arg=None):
   config.disc_optim = config.optim.to_dict()
   config.checkpoint.every_steps = 500
   config.sample.every_steps = 500
-  config.eval.update(every_steps=500, kind="digits", split="test", num_samples=297,
-                     batch_size=297)
+  config.evals.recon = dict(type="recon_digits", every_steps=500, split="test",
+                            num_samples=297, batch_size=297)
+  # Latent statistics of the exported tokenizer: posterior samples of this many train images.
+  config.export = dict(num_images=297)
   if arg == "tiny":
     config.num_steps = 4
     config.batch_size = 8
@@ -53,5 +56,6 @@ def get_config(arg=None):
     config.loss.disc_start = 2
     config.checkpoint.every_steps = 2
     config.sample.every_steps = 0
-    config.eval.update(every_steps=0, num_samples=16, batch_size=16)
+    config.evals.recon.update(every_steps=0, num_samples=16, batch_size=16)
+    config.export.num_images = 16
   return config

@@ -6,14 +6,14 @@ Data:     `data.name='latents'`, `data.data_dir` the cache written by
           `tesserax data encode digits --tokenizer WORKDIR/tokenizer --out CACHE`: 4x4x4
           latents normalised per channel, no flips (a flipped digit is not a digit).
 Model:    patch 1 on 4x4x4 latents (16 tokens, the pixel demo's sequence length). Samples are
-          decoded by the cache's tokenizer before they are scored (training/trainer.generate).
+          decoded by the cache's tokenizer before they are scored (tasks/diffusion.py).
 
 Launch:   tesserax demo --latent (trains the tokenizer, encodes, trains this, evaluates), or
           tesserax train --config digits_latent_dit --workdir DIR --config.data.data_dir=CACHE
 Runtime:  about 3 minutes on 2 CPU cores.
 Expected: see README, "Tokenizers" (class accuracy of decoded samples >= 90%).
 """
-from tesserax.training import config as config_lib
+from tesserax.core import config as config_lib
 
 
 def get_config(arg=None):

@@ -1,5 +1,5 @@
 """DiT-XL/2 on ImageNet 256x256 (arg "512": 512x512) SD-VAE latents: the published recipe
-(facebookresearch/DiT train.py and sample_ddp.py; reference/generators.md §1.2-1.5).
+(facebookresearch/DiT train.py and sample_ddp.py; Peebles & Xie 2023).
 
 Model:     DiT-XL/2, 675,129,632 parameters, learned sigma, on 32x32x4 latents (64x64x4 at 512).
 Objective: DDPM epsilon prediction on 1000 linear betas, loss MSE + VB (objectives/ddpm.py).
@@ -21,7 +21,7 @@ Expected: FID-50K 2.27 at 7M steps with cfg 1.5 (9.62 without guidance); at 400K
           guidance FID 19.5 (JAX) / 18.1 (PyTorch). 512x512: FID 3.04 after 3M steps.
 """
 from tesserax.generators import dit
-from tesserax.training.config import base_config
+from tesserax.core.config import base_config
 
 LATENT_SIZE = {"256": 32, "512": 64}
 
@@ -47,5 +47,6 @@ def get_config(arg="256"):
   config.checkpoint.keep_every = 500_000
   config.sample.every_steps = 0  # a grid of 1000 classes is an evaluation job here
   config.sample.update(dict(solver="ddpm", num_steps=250, cfg_scale=1.5, guided_channels=3))
-  config.eval.num_samples = 50_000
+  config.evals.fid = dict(type="inception", every_steps=0, ref="", metrics=("fid",),
+                          num_samples=50_000, batch_size=500)
   return config

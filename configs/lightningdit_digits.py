@@ -8,7 +8,7 @@ Objective: rectified flow, logit-normal(0, 1) t, velocity MSE + the cosine loss;
            (0.9, 0.95) as LightningDiT, the demo's lr schedule and clipping.
 
 Launch:   tesserax train --config lightningdit_digits --workdir workdirs/ldit_digits
-          or, with the demo's evaluation, `tesserax.training.demo.run(config, workdir)`.
+          or, with the demo's evaluation, `tesserax.demos.demo.run(config, workdir)`.
 Runtime:  about 4 minutes on 2 CPU cores (~12 steps/s, then the demo's evaluation).
 Expected: measured on 2 CPU cores with cfg 1: FID-digits 20.3 at 32 Euler NFE (23.2 at 8,
           67 at 2; the real-data floor is 12.6) and 89% class accuracy of the samples.
@@ -16,7 +16,7 @@ Expected: measured on 2 CPU cores with cfg 1: FID-digits 20.3 at 32 Euler NFE (2
 `get_config("tiny")` is the test size: a 2-block, width-32 model for a few steps.
 """
 from tesserax.generators import dit
-from tesserax.training import config as config_lib
+from tesserax.core import config as config_lib
 
 
 def get_config(arg=None):

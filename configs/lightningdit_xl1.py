@@ -1,6 +1,6 @@
 """LightningDiT-XL/1 on ImageNet 256x256 VA-VAE f16d32 latents: the published recipe
-(hustvl/LightningDiT configs/lightningdit_xl_vavae_f16d32.yaml and reproductions/*; reference/
-generators.md §2). arg "64ep" (default) or "800ep" picks the run length and sampler settings.
+(hustvl/LightningDiT configs/lightningdit_xl_vavae_f16d32.yaml and reproductions/*;
+arXiv 2501.01423). arg "64ep" (default) or "800ep" picks the run length and sampler settings.
 
 Model:     LightningDiT-XL/1, 675,256,736 parameters ("675.26M"): SwiGLU, RMSNorm, 2D RoPE, no
            QK-norm, no learned sigma, patch 1 on 16x16x32 latents (256 tokens, DiT-XL/2's MACs);
@@ -24,7 +24,7 @@ Runtime:  the authors: 64 epochs in ~10 h on 8 H800 (README); for tesserax see
 Expected: FID-50K 2.11 at 64 epochs with cfg (5.14 without); 1.35 at 800 epochs (2.17 without).
 """
 from tesserax.generators import dit
-from tesserax.training.config import base_config
+from tesserax.core.config import base_config
 
 # run: (steps, cfg scale, their cfg_interval_start)
 RUNS = {"64ep": (80_000, 10.0, 0.10), "800ep": (1_000_000, 6.7, 0.125)}
@@ -53,5 +53,6 @@ def get_config(arg="64ep"):
   config.sample.every_steps = 0  # a grid of 1000 classes is an evaluation job here
   config.sample.update(dict(solver="euler", num_steps=250, shift=1 / 0.3, cfg_scale=cfg_scale,
                             interval=(0.0, 1.0 - interval_start), guided_channels=3))
-  config.eval.num_samples = 50_000
+  config.evals.fid = dict(type="inception", every_steps=0, ref="", metrics=("fid",),
+                          num_samples=50_000, batch_size=500)
   return config

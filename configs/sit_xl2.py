@@ -1,5 +1,5 @@
 """SiT-XL/2 on ImageNet 256x256 SD-VAE latents: the published recipe (willisma/SiT train.py,
-linear path, velocity prediction; reference/generators.md §3.1).
+linear path, velocity prediction; Ma et al. 2024).
 
 Model:     SiT-XL/2 = DiT-XL/2's network (675,129,632 parameters) fed t raw with t = 0 noise
            (`time_convention='t0_noise'`, time_scale 1), learned sigma on as in the released

@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from tesserax.backbones import weights
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 
 # What backbones/weights.py reads back.
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,

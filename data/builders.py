@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 
 from tesserax.data import digits
 from tesserax.data import preprocess
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 IMAGENET_RESOLUTIONS = (64, 128, 256, 512)

@@ -24,6 +24,6 @@ def digits_arrays(split: str):
   elif split == "test":
     index = order[NUM_TRAIN:]
   else:
-    from tesserax.errors import TesseraxError
+    from tesserax.core.errors import TesseraxError
     raise TesseraxError(f"digits has splits 'train' and 'test', not {split!r}")
   return images[index], labels[index]

@@ -7,10 +7,11 @@ positions [b*B, (b+1)*B) of the concatenated epochs, and process p of P reads on
 [p*B/P, (p+1)*B/P) of each global batch. The horizontal flip of each position is drawn from the
 same generator as its epoch's permutation, so flips do not depend on P either.
 
-Dataset `latents` is a latent cache written by data/latents.py (`tesserax data encode`), with
-data.data_dir the cache directory. It serves the stored latents normalised per channel with the
-cache's statistics, (z - mean) / std, as "image"; a flipped position serves the stored latent
-of the flipped image (`latent_flip`), so the same flip decisions apply without mirroring arrays.
+Dataset `latents` is a cache (data/cache.py, written by `tesserax data encode`), with
+data.data_dir the cache directory. It serves the stored float latents normalised per channel
+with the cache's statistics, (z - mean) / std, or the stored token ids as int32, as "image"; a
+flipped position serves the stored encoding of the flipped image (`latent_flip`), so the same
+flip decisions apply without mirroring arrays.
 """
 import functools
 import os
@@ -22,9 +23,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from tesserax.data import builders
-from tesserax.data import latents
+from tesserax.data import cache
 from tesserax.data import preprocess
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 
 DATASETS = ("digits", "image_folder", "imagenet2012", "latents")
 _MANUAL_CONTENTS = {
@@ -52,7 +53,7 @@ def _builder(name, data_dir, manual_dir, resolution):
                           f"{builders.IMAGENET_RESOLUTIONS}; set the resolution to one of them")
     return builders.TesseraxImagenet2012(config=str(resolution), data_dir=data_dir)
   if name == "latents":
-    return latents.open_cache(data_dir)
+    return cache.open_cache(data_dir)
   raise TesseraxError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
@@ -116,17 +117,21 @@ def _read(source, indices):
 
 
 def _input_reader(data_cfg, source):
-  """read(indices, flips=None) -> float32 model inputs [n, ...] and int32 labels [n] of the
-  examples at `indices`: images in [-1, 1] at data_cfg.resolution, mirrored where `flips`
-  (bool [n]); or normalised latents, the stored flipped ones where `flips`."""
+  """read(indices, flips=None) -> model inputs [n, ...] and int32 labels [n] of the examples
+  at `indices`: float32 images in [-1, 1] at data_cfg.resolution, mirrored where `flips`
+  (bool [n]); or a cache's float32 normalised latents or int32 token ids, the stored flipped
+  ones where `flips`."""
   if data_cfg.name == "latents":
-    stats = latents.cache_stats(data_cfg.data_dir)
+    discrete = np.issubdtype(source.dataset_info.features["latent"].np_dtype, np.integer)
+    stats = None if discrete else cache.cache_stats(data_cfg.data_dir)
 
     def read_latents(indices, flips=None):
       examples = source.__getitems__(indices)
       flips = np.zeros(len(examples), bool) if flips is None else flips
       z = np.stack([ex["latent_flip" if f else "latent"] for ex, f in zip(examples, flips)])
       labels = np.array([ex["label"] for ex in examples], np.int32)
+      if discrete:
+        return z.astype(np.int32), labels
       return ((z - stats["mean"]) / stats["std"]).astype(np.float32), labels
 
     return read_latents
@@ -143,7 +148,8 @@ def _input_reader(data_cfg, source):
 
 def image_reader(data_cfg, split):
   """(number of examples, read) of an image split, where read(indices) gives uint8 images
-  [n, R, R, C] at data_cfg.resolution and int32 labels [n] (data/latents.py encodes these)."""
+  [n, R, R, C] at data_cfg.resolution and int32 labels [n] (what tokenizers/cache_encoder.py
+  encodes)."""
   if data_cfg.name == "latents":
     raise TesseraxError("dataset latents holds latents, not images; name the image dataset "
                         "the cache was encoded from")
@@ -165,12 +171,12 @@ def _at_resolution(images, data_cfg):
 
 def image_config(data_cfg):
   """data_cfg itself for image datasets; for a latent cache, the image dataset it encodes."""
-  return latents.image_data_config(data_cfg.data_dir) if data_cfg.name == "latents" else data_cfg
+  return cache.image_data_config(data_cfg.data_dir) if data_cfg.name == "latents" else data_cfg
 
 
 def load_split(data_cfg, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """The whole of `split` in memory: float32 NHWC images in [-1, 1] (or normalised latents)
-  and int32 labels."""
+  """The whole of `split` in memory: float32 NHWC images in [-1, 1] (or a cache's normalised
+  latents or token ids) and int32 labels."""
   source = _source(data_cfg, split)
   return _input_reader(data_cfg, source)(list(range(len(source))))
 
@@ -188,8 +194,8 @@ def make_train_loader(data_cfg, global_batch_size: int, seed: int,
                       process_index: int | None = None, process_count: int | None = None):
   """An endless grain iterator of this process's rows of each global batch of data_cfg.split.
 
-  Yields {'image': float32 [B/P, R, R, C] in [-1, 1] (normalised latents [B/P, h, w, c] for
-  dataset latents), 'label': int32 [B/P]}. Its state is
+  Yields {'image': float32 [B/P, R, R, C] in [-1, 1] (for dataset latents normalised float32
+  latents or int32 token ids [B/P, h, w, c]), 'label': int32 [B/P]}. Its state is
   grain's `get_state()` / `set_state()` ({'next_index': number of batches served}).
   """
   process_index = jax.process_index() if process_index is None else process_index

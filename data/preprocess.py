@@ -44,7 +44,7 @@ def center_crop_adm(image: Image.Image, image_size: int) -> np.ndarray:
 
 def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
   """torchvision Resize(size) + CenterCrop(size) of an RGB-converted PIL image, as LightningDiT
-  evaluate_tokenizer.py evaluates tokenizers (reference/tokenizers.md §3.6): the short side
+  evaluate_tokenizer.py evaluates tokenizers: the short side
   bilinearly resized (PIL, antialiased) to `size`, the long side to int(size * long / short),
   then the crop at top = int(round((h - size) / 2.0)), left likewise (Python's round)."""
   image = image.convert("RGB")

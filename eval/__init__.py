@@ -1,1 +1,2 @@
-"""Generation and reconstruction metrics (FID and friends), sample grids."""
+"""Layer 5: FID and friends, reconstruction metrics, reference batches, and the evaluator
+registry the training loop runs (evaluators.py)."""

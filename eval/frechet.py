@@ -1,13 +1,13 @@
-"""Frechet distance between two Gaussians, in float64 on the host (reference/eval.md §3).
+"""Frechet distance between two Gaussians, in float64 on the host (Heusel et al. 2017).
 
 FD = |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2), with tr sqrt(S1 S2) computed by the
-symmetric eigenvalue route of eval.md §3.2: S1 S2 is similar to M = S1^1/2 S2 S1^1/2, which
+symmetric eigenvalue route: S1 S2 is similar to M = S1^1/2 S2 S1^1/2, which
 is symmetric PSD, so tr sqrt(S1 S2) = sum_i sqrt(lambda_i(M)). Only symmetric eigensolvers
 are needed and, unlike scipy.linalg.sqrtm, nothing turns complex. No epsilon is added.
 """
 import numpy as np
 
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 
 
 def _check(name, mu, sigma):

@@ -5,7 +5,7 @@ import numpy as np
 from PIL import Image
 
 from tesserax.data.preprocess import to_uint8
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 
 BORDER = 255  # white, so cells stay apart on the black background of digits
 

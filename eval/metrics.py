@@ -1,27 +1,29 @@
 """Generation metrics (FID, sFID, Inception Score, precision/recall, FD-DINOv2) and
 reconstruction metrics (rFID, PSNR, SSIM, LPIPS), as the standard evaluators define them.
 
-Conventions (reference/eval.md):
+Conventions:
 - Images are NHWC RGB, uint8 or float in [-1, 1] (DESIGN.md). FID-family features, PSNR and
   SSIM see uint8: floats are quantised first with data/preprocess.py:to_uint8, as sample files
   are written, so an array and its .npz agree. LPIPS sees floats ([-1, 1]; uint8 is mapped
-  there), unquantised, as in LightningDiT's evaluate_tokenizer.py (eval.md §5.1).
+  there), unquantised, as in LightningDiT's evaluate_tokenizer.py.
 - FID/sFID: Frechet distance (eval/frechet.py) of pool_3 (2048) and of the sFID features
   (Mixed_6d.branch1x1[..., :7], 2023) against the reference `mu`/`sigma`, `mu_s`/`sigma_s`
-  (eval.md §2.1). FD-DINOv2: the same on the DINOv2 ViT-L/14 CLS embedding (§4.1).
+  (ADM evaluator.py). FD-DINOv2: the same on the DINOv2 ViT-L/14 CLS embedding (Stein et al.
+  2023, layer6ai-labs/dgm-eval).
 - Inception Score: softmax(pool_3 @ W) without the fc bias, 10 splits in sample order as in
   openai/improved-gan (which the ADM evaluator cites; identical to its 5000-sample chunks at
-  50k), exp(mean KL(p(y|x) || p(y))) per split, mean over splits only (§2.1).
+  50k), exp(mean KL(p(y|x) || p(y))) per split, mean over splits only (ADM evaluator.py).
 - Precision/recall (Kynkaanniemi et al. 2019, ADM's ManifoldEstimator): squared Euclidean
   pool_3 distances; a point's radius is the distance to its 3rd nearest neighbour in its own
   set (self excluded); precision is the fraction of samples within some reference radius,
   recall the fraction of reference images within some sample radius. ADM computes the
   distances in fp16 (fp32 if that overflows); here they are fp32 at HIGHEST precision.
 - PSNR per image on uint8, 10 log10(255^2 / MSE) over all pixels and channels, averaged over
-  images (§5.2; inf for identical images). SSIM per image (Wang et al. 2004): 11x11 Gaussian
+  images (inf for identical images). SSIM per image (Wang et al. 2004): 11x11 Gaussian
   window, sigma 1.5, K1 0.01, K2 0.03, data range 255, 'valid' borders (no padding, as
   the reference MATLAB code's filter2 'valid' and tf.image.ssim), mean over the map and
-  channels, averaged over images (§5.3). LPIPS: v0.1 with VGG16, averaged over images (§5.4).
+  channels, averaged over images. LPIPS (Zhang et al. 2018): v0.1 with VGG16, averaged over
+  images.
 - rFID: FID between the originals and the reconstructions, both through the same pipeline.
 
 Features come from fixed-size jitted batches (the last one padded, padding dropped), sharded
@@ -43,7 +45,7 @@ from tesserax.backbones import dinov2 as dinov2_lib
 from tesserax.backbones import inception as inception_lib
 from tesserax.backbones import weights
 from tesserax.data.preprocess import to_model_range, to_uint8
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 from tesserax.eval.frechet import frechet_distance
 from tesserax.eval.stats import FeatureStats, all_processes
 

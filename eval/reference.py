@@ -1,4 +1,4 @@
-"""Reference batches in the ADM evaluator's `.npz` format (reference/eval.md §2.1).
+"""Reference batches in the ADM evaluator's `.npz` format (openai/guided-diffusion evaluations/).
 
 Keys: `arr_0` uint8 [N, H, W, 3] images (only precision/recall uses them; ADM ships 10,000),
 `mu` [2048] / `sigma` [2048, 2048] the pool_3 statistics that define FID, `mu_s` [2023] /
@@ -14,7 +14,7 @@ import numpy as np
 
 from tesserax.backbones import weights
 from tesserax.backbones.inception import POOL_DIM, SPATIAL_DIM
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 from tesserax.eval import metrics as metrics_lib
 
 DINOV2_DIM = 1024

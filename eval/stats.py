@@ -2,15 +2,14 @@
 
 Each batch is brought to the host in float64 and folded into (count, mean, M2), M2 being the
 sum of outer products of the centred rows, with the pairwise merge of Chan, Golub & LeVeque
-(1979): n = na + nb, d = mb - ma, mean = ma + d nb / n, M2 = M2a + M2b + d d^T na nb / n
-(reference/eval.md §3.3). The result depends on how the rows are batched only through
-float64 rounding.
+(1979): n = na + nb, d = mb - ma, mean = ma + d nb / n, M2 = M2a + M2b + d d^T na nb / n.
+The result depends on how the rows are batched only through float64 rounding.
 """
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 
 
 class FeatureStats:

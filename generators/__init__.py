@@ -1,1 +1,5 @@
-"""Networks that model latents or tokens (DiT family) and their training objectives."""
+"""Networks that model latents or tokens: the DiT family (DiT, SiT, LightningDiT).
+
+Importing the package registers its networks in core/registry.py's NETWORKS.
+"""
+from tesserax.generators import dit  # registers "dit"

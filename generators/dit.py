@@ -1,7 +1,7 @@
 """The DiT family: DiT (Peebles & Xie 2023), SiT and LightningDiT as one configurable network.
 
-DiT's layout and quirks follow facebookresearch/DiT models.py exactly (reference/generators.md
-§1.3):
+DiT's layout and quirks follow facebookresearch/DiT models.py exactly; the shared layers
+(attention, MLPs, norms, embeddings, RoPE) are nn/'s:
 - norms: LayerNorm without affine, eps 1e-6; MLP: fc1 -> GELU(tanh) -> fc2, hidden 4D;
 - attention: fused qkv Linear(D, 3D) with rows [q | k | v], each split as (heads, head_dim);
 - conditioning c = t_emb + y_emb; t_emb from a 256-dim [cos, sin] sinusoid (max period 10000)
@@ -15,8 +15,8 @@ DiT's layout and quirks follow facebookresearch/DiT models.py exactly (reference
   conv xavier on its flattened [D, C*p*p] view, label table and both t-MLP weights N(0, 0.02),
   every adaLN output and the final linear zero.
 
-SiT (willisma/SiT models.py) is this network unchanged, trained on the linear path (§3.1).
-LightningDiT (hustvl/LightningDiT models/lightningdit.py, §2.1) adds, each a config switch:
+SiT (willisma/SiT models.py) is this network unchanged, trained on the linear path.
+LightningDiT (hustvl/LightningDiT models/lightningdit.py) adds, each a config switch:
 - `mlp="swiglu"`: SwiGLUFFN, w12 = Linear(D, 2H) -> silu(x1) * x2 -> w3 = Linear(H, D), with
   biases, H = int(2/3 * int(mlp_ratio * D)) (3072 for XL: the GELU MLP's parameters and MACs);
 - `norm="rmsnorm"`: RMSNorm x * rsqrt(mean(x^2) + 1e-6) in float32 times a learnable weight
@@ -35,15 +35,22 @@ Time (DESIGN.md): the network takes flow time t in [0, 1] (t = 1 is noise) and e
 and returns the negated output, so from outside it is a t = 1 noise model predicting
 v = eps - x0, while its weights stay exactly the official ones.
 
+`second_time=True` adds a second time input s (the r or s of flow-map and trajectory models:
+MeanFlow, shortcut models, CTM) through its own `s_embedder`, a copy of the t embedder:
+c = t_emb + s_emb + y_emb; s is mapped like t (time_scale, t0_noise).
+
 `remat=True` rematerialises every block in the backward pass (nnx.remat). Images are NHWC.
 """
-import math
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+
+from tesserax.core import registry
+from tesserax.core.errors import TesseraxError
+from tesserax.nn import layers
+from tesserax.nn.attention import Attention
 
 # name: (depth, hidden_size, num_heads), from DiT models.py and LightningDiT models/lightningdit.py.
 DIT_SIZES = {
@@ -55,17 +62,11 @@ DIT_SIZES = {
     "1p6B": (28, 1792, 28),
 }
 
-TIME_FREQUENCY_DIM = 256
-
 # The options beyond DiT, at their DiT values; a model config without them is a DiT.
 OPTIONS = dict(mlp="gelu", norm="layernorm", rope=False, qk_norm=False,
-               time_convention="t1_noise", remat=False)
+               time_convention="t1_noise", remat=False, second_time=False)
 CHOICES = dict(mlp=("gelu", "swiglu"), norm=("layernorm", "rmsnorm"),
                time_convention=("t1_noise", "t0_noise"))
-
-
-class Buffer(nnx.Variable):
-  """A non-trainable array stored with the model (e.g. DiT's pos_embed)."""
 
 
 def dit_config(name: str = "XL/2", **overrides) -> ml_collections.ConfigDict:
@@ -106,151 +107,9 @@ def option(config, key):
   return value
 
 
-def _xavier(in_axis=-2, out_axis=-1):
-  return jax.nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=in_axis,
-                                              out_axis=out_axis)
-
-
-def _linear(din, dout, names, rngs, dtype, kernel_init=None, zero=False):
-  """nnx.Linear with logical axis names on kernel and bias (zero=True: adaLN-Zero init)."""
-  init = jax.nn.initializers.zeros if zero else (kernel_init or _xavier())
-  return nnx.Linear(
-      din, dout, dtype=dtype, rngs=rngs,
-      kernel_init=nnx.with_partitioning(init, names),
-      bias_init=nnx.with_partitioning(jax.nn.initializers.zeros, (names[1],)))
-
-
-def _at_least_f32(x):
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def _layer_norm(x, eps=1e-6):
-  """LayerNorm without affine parameters, computed in (at least) float32."""
-  x32 = _at_least_f32(x)
-  mean = x32.mean(-1, keepdims=True)
-  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
-
-
-class RMSNorm(nnx.Module):
-  """LLaMA RMSNorm (LightningDiT models/rmsnorm.py): x * rsqrt(mean(x^2) + eps) in float32,
-  cast back, times `scale` (the official `weight`, initialised to 1)."""
-
-  def __init__(self, dim, name, eps=1e-6):
-    self.eps = eps
-    self.scale = nnx.Param(nnx.with_partitioning(jax.nn.initializers.ones, (name,))(None, (dim,)))
-
-  def __call__(self, x):
-    x32 = _at_least_f32(x)
-    ms = jnp.square(x32).mean(-1, keepdims=True)
-    return (x32 * jax.lax.rsqrt(ms + self.eps)).astype(x.dtype) * self.scale[...].astype(x.dtype)
-
-
 def _norm(norm, x):
   """DiT's affine-free LayerNorm where `norm` is None, else the RMSNorm module."""
-  return _layer_norm(x) if norm is None else norm(x)
-
-
-def _modulate(x, shift, scale):
-  return x * (1 + scale[:, None]) + shift[:, None]
-
-
-def timestep_embedding(t, dim=TIME_FREQUENCY_DIM, max_period=10000.0):
-  """[cos, sin] sinusoid of DiT's TimestepEmbedder.timestep_embedding (dim even)."""
-  half = dim // 2
-  t = _at_least_f32(t)
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=t.dtype) / half)
-  args = t[:, None] * freqs[None]
-  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-
-
-def sincos_pos_embed_2d(dim: int, grid_size: int) -> np.ndarray:
-  """DiT's get_2d_sincos_pos_embed: [grid_size**2, dim], float64 NumPy.
-
-  `np.meshgrid(grid_w, grid_h)` makes grid[0] the w (column) coordinate; it fills the first
-  dim/2 channels. Each 1D half is [sin, cos] of pos * 1/10000**(i/(dim/4)).
-  """
-  def one_axis(pos):
-    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
-    out = pos.reshape(-1)[:, None] * omega[None]
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-  coords = np.arange(grid_size, dtype=np.float32)
-  grid_w, grid_h = np.meshgrid(coords, coords)
-  return np.concatenate([one_axis(grid_w), one_axis(grid_h)], axis=1)
-
-
-def rope_tables(head_dim: int, grid_size: int, theta: float = 10000.0):
-  """EVA-02 VisionRotaryEmbeddingFast(dim=head_dim/2, pt_seq_len=grid_size), freqs_for='lang':
-  (freqs_cos, freqs_sin), each [grid_size**2, head_dim], float64 NumPy.
-
-  Per axis, frequencies 1/theta**(2i/(head_dim/2)) are each repeated for an interleaved pair;
-  the first head_dim/2 channels take the row (h) index, the last the column (w) index, over
-  row-major tokens (broadcat of freqs[:, None] and freqs[None, :]).
-  """
-  dim = head_dim // 2
-  freqs = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
-  axis = np.repeat(np.arange(grid_size, dtype=np.float64)[:, None] * freqs[None], 2, axis=1)
-  shape = (grid_size, grid_size, dim)
-  angles = np.concatenate([np.broadcast_to(axis[:, None], shape),
-                           np.broadcast_to(axis[None, :], shape)], axis=-1)
-  angles = angles.reshape(grid_size * grid_size, head_dim)
-  return np.cos(angles), np.sin(angles)
-
-
-def apply_rope(x, cos, sin):
-  """x * cos + rotate_half(x) * sin over [B, N, heads, head_dim], with EVA-02's interleaved
-  rotate_half: each pair (x1, x2) -> (-x2, x1). Computed in (at least) float32."""
-  x32 = _at_least_f32(x)
-  pairs = x32.reshape(x.shape[:-1] + (-1, 2))
-  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
-  out = x32 * cos[:, None].astype(x32.dtype) + rotated * sin[:, None].astype(x32.dtype)
-  return out.astype(x.dtype)
-
-
-class Attention(nnx.Module):
-  """timm Attention with fused qkv and bias, optional QK-norm and RoPE, through
-  jax.nn.dot_product_attention."""
-
-  def __init__(self, dim, num_heads, *, qk_norm=False, dtype, rngs):
-    self.num_heads = num_heads
-    self.qkv = _linear(dim, 3 * dim, ("embed", "heads"), rngs, dtype)
-    self.proj = _linear(dim, dim, ("heads", "embed"), rngs, dtype)
-    self.q_norm = RMSNorm(dim // num_heads, None) if qk_norm else None
-    self.k_norm = RMSNorm(dim // num_heads, None) if qk_norm else None
-
-  def __call__(self, x, rope=None):
-    b, n, d = x.shape
-    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    if self.q_norm is not None:
-      q, k = self.q_norm(q), self.k_norm(k)
-    if rope is not None:
-      q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    out = jax.nn.dot_product_attention(q, k, v)
-    return self.proj(out.reshape(b, n, d))
-
-
-class Mlp(nnx.Module):
-  """timm Mlp: fc1 -> GELU (tanh approximation) -> fc2."""
-
-  def __init__(self, dim, hidden, *, dtype, rngs):
-    self.fc1 = _linear(dim, hidden, ("embed", "mlp"), rngs, dtype)
-    self.fc2 = _linear(hidden, dim, ("mlp", "embed"), rngs, dtype)
-
-  def __call__(self, x):
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
-
-
-class SwiGLU(nnx.Module):
-  """SwiGLUFFN (LightningDiT models/swiglu_ffn.py): w12 -> silu(x1) * x2 -> w3, with biases."""
-
-  def __init__(self, dim, hidden, *, dtype, rngs):
-    self.w12 = _linear(dim, 2 * hidden, ("embed", "mlp"), rngs, dtype)
-    self.w3 = _linear(hidden, dim, ("mlp", "embed"), rngs, dtype)
-
-  def __call__(self, x):
-    x1, x2 = jnp.split(self.w12(x), 2, axis=-1)
-    return self.w3(jax.nn.silu(x1) * x2)
+  return layers.layer_norm(x) if norm is None else norm(x)
 
 
 class DiTBlock(nnx.Module):
@@ -258,58 +117,43 @@ class DiTBlock(nnx.Module):
 
   def __init__(self, dim, num_heads, mlp_ratio, *, mlp="gelu", norm="layernorm", qk_norm=False,
                dtype, rngs):
-    self.norm1 = RMSNorm(dim, "embed") if norm == "rmsnorm" else None
-    self.norm2 = RMSNorm(dim, "embed") if norm == "rmsnorm" else None
+    self.norm1 = layers.RMSNorm(dim, "embed") if norm == "rmsnorm" else None
+    self.norm2 = layers.RMSNorm(dim, "embed") if norm == "rmsnorm" else None
     self.attn = Attention(dim, num_heads, qk_norm=qk_norm, dtype=dtype, rngs=rngs)
     hidden = int(dim * mlp_ratio)
     if mlp == "swiglu":
-      self.mlp = SwiGLU(dim, int(2 / 3 * hidden), dtype=dtype, rngs=rngs)
+      self.mlp = layers.SwiGLU(dim, int(2 / 3 * hidden), dtype=dtype, rngs=rngs)
     else:
-      self.mlp = Mlp(dim, hidden, dtype=dtype, rngs=rngs)
-    self.adaLN_modulation = _linear(dim, 6 * dim, ("embed", "mlp"), rngs, dtype, zero=True)
+      self.mlp = layers.Mlp(dim, hidden, dtype=dtype, rngs=rngs)
+    self.adaLN_modulation = layers.linear(dim, 6 * dim, ("embed", "mlp"), zero_init=True,
+                                          dtype=dtype, rngs=rngs)
 
   def __call__(self, x, c, rope=None):
     mod = self.adaLN_modulation(jax.nn.silu(c))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
     x = x + gate_msa[:, None] * self.attn(
-        _modulate(_norm(self.norm1, x), shift_msa, scale_msa), rope)
-    x = x + gate_mlp[:, None] * self.mlp(_modulate(_norm(self.norm2, x), shift_mlp, scale_mlp))
+        layers.modulate(_norm(self.norm1, x), shift_msa, scale_msa), rope=rope)
+    x = x + gate_mlp[:, None] * self.mlp(
+        layers.modulate(_norm(self.norm2, x), shift_mlp, scale_mlp))
     return x
 
 
-class TimestepEmbedder(nnx.Module):
-  def __init__(self, dim, *, dtype, rngs):
-    normal = jax.nn.initializers.normal(0.02)
-    self.mlp_0 = _linear(TIME_FREQUENCY_DIM, dim, (None, "embed"), rngs, dtype, normal)
-    self.mlp_2 = _linear(dim, dim, ("mlp", "embed"), rngs, dtype, normal)
-
-  def __call__(self, t):
-    return self.mlp_2(jax.nn.silu(self.mlp_0(timestep_embedding(t))))
-
-
 class FinalLayer(nnx.Module):
+
   def __init__(self, dim, patch_size, out_channels, *, norm="layernorm", dtype, rngs):
-    self.norm_final = RMSNorm(dim, "embed") if norm == "rmsnorm" else None
-    self.adaLN_modulation = _linear(dim, 2 * dim, ("embed", "mlp"), rngs, dtype, zero=True)
-    self.linear = _linear(dim, patch_size * patch_size * out_channels, ("embed", None), rngs,
-                          dtype, zero=True)
+    self.norm_final = layers.RMSNorm(dim, "embed") if norm == "rmsnorm" else None
+    self.adaLN_modulation = layers.linear(dim, 2 * dim, ("embed", "mlp"), zero_init=True,
+                                          dtype=dtype, rngs=rngs)
+    self.linear = layers.linear(dim, patch_size * patch_size * out_channels, ("embed", None),
+                                zero_init=True, dtype=dtype, rngs=rngs)
 
   def __call__(self, x, c):
     shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(c)), 2, axis=-1)
-    return self.linear(_modulate(_norm(self.norm_final, x), shift, scale))
-
-
-class RotaryTables(nnx.Module):
-  """The freqs_cos / freqs_sin buffers of EVA-02's VisionRotaryEmbeddingFast."""
-
-  def __init__(self, head_dim, grid_size):
-    cos, sin = rope_tables(head_dim, grid_size)
-    self.freqs_cos = Buffer(jnp.asarray(cos, jnp.float32))
-    self.freqs_sin = Buffer(jnp.asarray(sin, jnp.float32))
+    return self.linear(layers.modulate(_norm(self.norm_final, x), shift, scale))
 
 
 class DiT(nnx.Module):
-  """DiT / SiT / LightningDiT over NHWC inputs; `__call__(x, t, labels, train)` returns NHWC
+  """DiT / SiT / LightningDiT over NHWC inputs; `__call__(x, t, labels, train, s)` returns NHWC
   outputs with `out_channels` = 2 * in_channels when `learn_sigma`, else in_channels."""
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
@@ -334,22 +178,25 @@ class DiT(nnx.Module):
     self.x_embedder = nnx.Conv(
         c.in_channels, d, (c.patch_size, c.patch_size), strides=c.patch_size, padding="VALID",
         dtype=dtype, rngs=rngs,
-        kernel_init=nnx.with_partitioning(_xavier(in_axis=(0, 1, 2), out_axis=3),
-                                          (None, None, "conv_in", "embed")),
+        kernel_init=nnx.with_partitioning(  # xavier on the flattened [D, C*p*p] view
+            jax.nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3),
+            (None, None, "conv_in", "embed")),
         bias_init=nnx.with_partitioning(jax.nn.initializers.zeros, ("embed",)))
-    self.t_embedder = TimestepEmbedder(d, dtype=dtype, rngs=rngs)
-    table_rows = c.num_classes + (1 if c.class_dropout > 0 else 0)
-    self.y_embedder = nnx.Embed(
-        table_rows, d, dtype=dtype, rngs=rngs,
-        embedding_init=nnx.with_partitioning(jax.nn.initializers.normal(0.02), ("vocab", "embed")))
-    self.pos_embed = Buffer(jnp.asarray(sincos_pos_embed_2d(d, self.grid_size), jnp.float32))
-    self.feat_rope = RotaryTables(head_dim, self.grid_size) if option(c, "rope") else None
+    self.t_embedder = layers.TimestepEmbedder(d, dtype=dtype, rngs=rngs)
+    self.y_embedder = layers.label_embedding(c.num_classes, d, null_class=c.class_dropout > 0,
+                                             dtype=dtype, rngs=rngs)
+    self.pos_embed = layers.Buffer(
+        jnp.asarray(layers.sincos_pos_embed_2d(d, self.grid_size), jnp.float32))
+    self.feat_rope = layers.RotaryTables(head_dim, self.grid_size) if option(c, "rope") else None
     self.blocks = nnx.List([
         DiTBlock(d, c.num_heads, c.mlp_ratio, mlp=option(c, "mlp"), norm=option(c, "norm"),
                  qk_norm=option(c, "qk_norm"), dtype=dtype, rngs=rngs)
         for _ in range(c.depth)])
     self.final_layer = FinalLayer(d, c.patch_size, self.out_channels, norm=option(c, "norm"),
                                   dtype=dtype, rngs=rngs)
+    # Built last, so the other parameters are initialised as without the second time.
+    self.s_embedder = (layers.TimestepEmbedder(d, dtype=dtype, rngs=rngs)
+                       if option(c, "second_time") else None)
 
   def unpatchify(self, x):
     """[B, h*w, p*p*C] with index (p_row, q_col, c) -> [B, h*p, w*p, C]."""
@@ -357,30 +204,39 @@ class DiT(nnx.Module):
     x = x.reshape(b, g, g, p, p, ch).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, g * p, g * p, ch)
 
-  def __call__(self, x, t, labels, train: bool = False):
-    """x: [B, H, W, C]; t: [B] flow time in [0, 1]; labels: [B] int32 (null = num_classes).
+  def __call__(self, x, t, labels, train: bool = False, s=None):
+    """x: [B, H, W, C]; t: [B] flow time in [0, 1]; labels: [B] int32 (null = num_classes);
+    s: [B] the second time of flow-map / trajectory models (`second_time`), embedded like t
+    by its own `s_embedder` and added to the conditioning.
 
     `train` is part of the generator interface; DiT has no dropout, and label dropout for
     classifier-free guidance is the objective's job (it owns the random key).
     """
     del train
+    if s is not None and self.s_embedder is None:
+      raise TesseraxError("a second time s was given to a DiT without one (model.second_time)")
+    if s is None and self.s_embedder is not None:
+      raise TesseraxError("this DiT has a second time input (model.second_time); pass s")
     flip = self.time_convention == "t0_noise"
     if flip:
       t = 1 - t
     h = self.x_embedder(x)
     h = h.reshape(h.shape[0], -1, h.shape[-1]) + self.pos_embed[...].astype(h.dtype)
-    c = self.t_embedder(t * self.time_scale) + self.y_embedder(labels)
-    rope = None
-    if self.feat_rope is not None:
-      rope = (self.feat_rope.freqs_cos[...], self.feat_rope.freqs_sin[...])
+    c = self.t_embedder(t * self.time_scale)
+    if s is not None:
+      c = c + self.s_embedder(((1 - s) if flip else s) * self.time_scale)
+    c = c + self.y_embedder(labels)
+    rope = self.feat_rope() if self.feat_rope is not None else None
     block_fn = lambda block, h, c, rope: block(h, c, rope)
     if self.remat:
       block_fn = nnx.remat(block_fn)
     for block in self.blocks:
       h = block_fn(block, h, c, rope)
-    out = _at_least_f32(self.unpatchify(self.final_layer(h, c)))
+    out = layers.at_least_f32(self.unpatchify(self.final_layer(h, c)))
     return -out if flip else out
 
+
+registry.NETWORKS.register("dit", DiT)
 
 def count_params(config) -> int:
   """Parameters as torch's `model.parameters()` counts them in the official code: the nnx.Params
@@ -394,7 +250,7 @@ def forward_flops(config) -> float:
   """Forward FLOPs per image (2 per multiply-accumulate), counted from the module shapes.
 
   DiT's "Gflops" are multiply-accumulates: XL/2 at 256px is 118.6 GMACs, i.e. ~237 GFLOP
-  (reference/generators.md §1.2). A training step costs ~3x the forward pass without remat
+  (DiT paper, Table 4). A training step costs ~3x the forward pass without remat
   (~4x with it). SwiGLU's H = 2/3 * 4D keeps the MLP's MACs; norms and RoPE are elementwise
   and not counted.
   """
@@ -407,8 +263,9 @@ def forward_flops(config) -> float:
   per_block = (tokens * (3 * d * d + d * d + mlp)                # qkv, proj, MLP
                + 2 * tokens * tokens * d                      # q k^T and attention @ v
                + d * 6 * d)                                   # adaLN modulation
+  time_mlps = 2 if option(c, "second_time") else 1
   macs = (tokens * p * p * c.in_channels * d                  # patch embedding
-          + TIME_FREQUENCY_DIM * d + d * d                    # timestep MLP
+          + time_mlps * (layers.TIME_FREQUENCY_DIM * d + d * d)  # timestep MLP(s)
           + c.depth * per_block
           + d * 2 * d + tokens * d * p * p * out_channels)    # final layer
   return 2.0 * macs

@@ -3,19 +3,18 @@
 v = v_u + w (v_c - v_u) (Ho & Salimans 2022), applied only for t in the interval (lo, hi]
 (Kynkaanniemi et al. 2024, who guide for sigma in (0.28, 5.42]; sigma = t / (1 - t) is
 increasing in t, so the interval carries over to flow time unchanged). Outside it the
-velocity is the conditional one. Flow time: t = 1 is noise (reference/fewstep.md §4).
+velocity is the conditional one. Flow time: t = 1 is noise (DESIGN.md conventions).
 
 Guidance applies to every output channel by default. `guided_channels=k` guides only the first
 k channels and keeps the conditional output elsewhere: the official DiT, SiT and LightningDiT
 `forward_with_cfg` guide channels [0:3] only, a GLIDE carry-over kept there for
-reproducibility (DiT PR #12, #41; LightningDiT #21: 3 of 32 channels; reference/generators.md
-§1.4). Use `guided_channels=3` only to reproduce their published numbers (DiT: cfg 1.5 on 3
+reproducibility (DiT PR #12, #41; LightningDiT #21: 3 of 32 channels). Use `guided_channels=3` only to reproduce their published numbers (DiT: cfg 1.5 on 3
 channels, FID 2.27, ~ cfg 1.375 on all 4).
 """
 import jax
 import jax.numpy as jnp
 
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 
 
 def guided_velocity(model_fn, labels, null_label, cfg_scale=1.0, interval=(0.0, 1.0),

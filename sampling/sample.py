@@ -1,15 +1,42 @@
-"""A compiled class-conditional sampler: time grid + guidance + solver over an `apply_fn`."""
+"""Samplers by name: what each consumes, and the compiled flow sampler (time grid + guidance +
+solver over an `apply_fn`).
+
+A sampler is registered in core/registry.py SAMPLERS under its `config.sample.solver` name as
+a `Sampler`: the prediction kind it consumes (objectives/context.py) and
+`make(predict, settings, *, null_label, mesh) -> sample(params, noise, labels, key)`, with
+`predict(params, x, time, labels)` a prediction of that kind and `settings` the sample config
+(num_steps, shift, cfg_scale, interval, guided_channels, final_correction). `build` picks the
+model's prediction the sampler consumes and refuses a mismatch in one line.
+"""
 import functools
+from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tesserax.errors import TesseraxError
+from tesserax.core import registry
+from tesserax.core.errors import TesseraxError
 from tesserax.sampling.guidance import guided_velocity
 from tesserax.sampling.solvers import SOLVERS, heun
 from tesserax.sampling.timesteps import time_grid
-from tesserax.training.sharding import BATCH_AXES
+from tesserax.core.sharding import BATCH_AXES
+
+
+class Sampler(NamedTuple):
+  consumes: str
+  make: Callable
+
+
+def build(settings, predictions, *, null_label, mesh=None):
+  """`sample(params, noise, labels, key) -> x0` of the sampler `settings.solver` over the
+  model's `predictions` ({kind: predict(params, x, time, labels)}, its own kind first)."""
+  sampler = registry.SAMPLERS.get(settings.solver)
+  if sampler.consumes not in predictions:
+    raise TesseraxError(f"{settings.solver} needs {sampler.consumes}; this model gives "
+                        f"{' or '.join(predictions)}")
+  return sampler.make(predictions[sampler.consumes], settings, null_label=null_label,
+                      mesh=mesh)
 
 
 def make_sampler(apply_fn, *, solver="euler", num_steps, shift=1.0, cfg_scale=1.0,
@@ -64,3 +91,16 @@ def make_sampler(apply_fn, *, solver="euler", num_steps, shift=1.0, cfg_scale=1.
     return jitted(params, noise, labels)
 
   return sharded_sample
+
+
+def _make_flow(solver, predict, settings, *, null_label, mesh):
+  sample = make_sampler(
+      predict, solver=solver, num_steps=settings.num_steps, shift=settings.shift,
+      cfg_scale=settings.cfg_scale, interval=tuple(settings.interval), null_label=null_label,
+      final_correction=settings.get("final_correction", True), mesh=mesh,
+      guided_channels=settings.guided_channels)
+  return lambda params, noise, labels, key: sample(params, noise, labels)
+
+
+for _name in SOLVERS:
+  registry.SAMPLERS.register(_name, Sampler("velocity", functools.partial(_make_flow, _name)))

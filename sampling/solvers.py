@@ -7,7 +7,7 @@ starting noise and a 1-D array of times (sampling/timesteps.py). The step loop i
 import jax
 import jax.numpy as jnp
 
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 
 
 def _check_times(times):
@@ -36,7 +36,7 @@ def euler(velocity_fn, noise, times):
 
 
 def heun(velocity_fn, noise, times, final_correction=True):
-  """Heun's 2nd-order method (EDM, Karras et al. 2022, Alg. 1; reference/fewstep.md §4).
+  """Heun's 2nd-order method (EDM, Karras et al. 2022, Alg. 1).
 
   For a flow there is no singularity at t = 0, so by default the last step is corrected too
   (NFE = 2N). With `final_correction=False` the last step is plain Euler, as in EDM's

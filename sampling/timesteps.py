@@ -1,13 +1,13 @@
 """Sampling time grids for flow models (t = 1 is noise, t = 0 is data).
 
-The shift is SD3's (Esser et al. 2024, eq. 23; reference/fewstep.md §4):
+The shift is SD3's (Esser et al. 2024, eq. 23):
 
   t' = s t / (1 + (s - 1) t).
 
 It fixes 0 and 1 and is monotone for s > 0. For s > 1, t' > t on (0, 1), so a uniform grid is
 pushed towards t = 1 and more steps are spent near noise.
 
-LightningDiT (generators.md §2.3) writes the same formula in its own convention, where
+LightningDiT (transport/transport.py, `timestep_shift`) writes the same formula in its own convention, where
 u = 1 - t is the time and u = 0 is noise, with s_L = 0.3. Mapping their shifted time back,
 t' = 1 - u' with u' = s_L u / (1 + (s_L - 1) u) and u = 1 - t:
 
@@ -18,7 +18,7 @@ which is the formula above with s = 1 / s_L. Their shift 0.3 is therefore `shift
 """
 import jax.numpy as jnp
 
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 
 
 def shift_time(t, shift):

@@ -9,7 +9,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax
 import ml_collections
 
-from tesserax.data import latents
+from tesserax.tokenizers import cache_encoder
 
 
 def main(tokenizer_dir, data_dir, out_dir, seed, shard_size, batch_size):
@@ -17,8 +17,8 @@ def main(tokenizer_dir, data_dir, out_dir, seed, shard_size, batch_size):
   data_cfg = ml_collections.ConfigDict(dict(
       name="digits", data_dir=data_dir, manual_dir="", resolution=16, split="test",
       random_flip=False, num_classes=10))
-  latents.encode(tokenizer_dir, data_cfg, out_dir, splits=("test",), seed=int(seed),
-                 shard_size=int(shard_size), batch_size=int(batch_size))
+  cache_encoder.encode(tokenizer_dir, data_cfg, out_dir, splits=("test",), seed=int(seed),
+                       shard_size=int(shard_size), batch_size=int(batch_size))
 
 
 if __name__ == "__main__":

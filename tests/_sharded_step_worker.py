@@ -13,7 +13,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax
 import numpy as np
 
-from tesserax.training import config as config_lib, sharding, trainer
+import tesserax.tasks  # noqa: F401  (registers the diffusion task)
+from tesserax.core import config as config_lib, sharding
+from tesserax.training import task as task_lib
 
 MESHES = {"data_parallel": (1, 1), "fsdp": (-1, 1), "fsdp_x_tensor": (4, 2)}
 
@@ -21,8 +23,8 @@ MESHES = {"data_parallel": (1, 1), "fsdp": (-1, 1), "fsdp_x_tensor": (4, 2)}
 def one_step(config, batch, fsdp, tensor, devices):
   config.mesh.fsdp, config.mesh.tensor = fsdp, tensor
   mesh = sharding.make_mesh(config.mesh, devices)
-  setup = trainer.Setup(config, mesh)
-  state, metrics = setup.train_step(setup.init(), sharding.global_batch(batch, mesh))
+  task = task_lib.build(config, mesh)
+  state, metrics = task.train_step(task.init(), sharding.global_batch(batch, mesh))
   sharded = sum(any(axis is not None for axis in x.sharding.spec)
                 for x in jax.tree.leaves(state["params"]))
   host = jax.tree.map(np.asarray, jax.device_get(state))

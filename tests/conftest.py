@@ -5,8 +5,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest
 
+import tesserax.tasks  # noqa: F401  (registers every built-in task, network, sampler, ...)
+from tesserax.core import config as config_lib
 from tesserax.data import pipeline
-from tesserax.training import config as config_lib
 
 
 @pytest.fixture(scope="session")

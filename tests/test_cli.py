@@ -14,13 +14,12 @@ from tesserax.eval import metrics, reference
 def test_train_sample_eval_with_periodic_evaluation(digits_data_dir, tmp_path, capsys):
   workdir = str(tmp_path / "run")
   assert cli.main(["train", "--config", "digits_dit:tiny", "--workdir", workdir,
-                   f"--config.data.data_dir={digits_data_dir}", "--config.eval.every_steps=2",
-                   "--config.eval.num_samples=20", "--config.eval.batch_size=20",
-                   "--config.sample.num_steps=2"]) == 0
+                   f"--config.data.data_dir={digits_data_dir}",
+                   "--config.evals.digits.every_steps=2", "--config.sample.num_steps=2"]) == 0
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    evals = [line for line in map(json.loads, f) if "eval/fid" in line]
+    evals = [line for line in map(json.loads, f) if "eval/digits/fid" in line]
   assert [e["step"] for e in evals] == [2, 4]
-  assert all(e["eval/fid"] > 0 and 0 <= e["eval/accuracy"] <= 1 for e in evals)
+  assert all(e["eval/digits/fid"] > 0 and 0 <= e["eval/digits/accuracy"] <= 1 for e in evals)
 
   out = str(tmp_path / "samples.npz")
   assert cli.main(["sample", "--workdir", workdir, "--num", "30", "--sampler", "heun",

@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tesserax.convert import dit as convert_dit
+from tesserax.convert import dit_checkpoints as convert_dit
 from tesserax.convert import torch_reader
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 from tesserax.generators import dit
-from tesserax.generators.objectives import ddpm
-from tesserax.sampling.ddpm import make_ddpm_sampler
-from tesserax.training import checkpoint, sharding, trainer
+from tesserax.objectives import ddpm
+from tesserax.sampling.ddpm_sampler import make_ddpm_sampler
+from tesserax.core import checkpoint, sharding
+from tesserax.training import task as task_lib
 from test_dit_family import numpy_forward, official_shapes, random_state_dict
 
 # One worker builds the module fixtures (compiled once) under `--dist loadgroup`.
@@ -100,7 +101,7 @@ def _float64_model(model_config, params):
 def test_converted_checkpoint_reproduces_the_official_forward(converted, kind):
   sd, _, workdir = converted[kind]
   arch = TINY[kind]
-  setup, state = trainer.load_workdir(workdir)
+  setup, state = task_lib.load_workdir(workdir)
   rng = np.random.default_rng(7)
   size = arch["grid"] * arch["patch"]
   x = rng.standard_normal((3, arch["in_channels"], size, size))
@@ -156,15 +157,17 @@ def test_converted_workdir_samples_through_the_trainer(converted, kind):
   """What `tesserax sample --workdir` runs: the flow samplers on the objective's velocity (for
   DiT, the DDPM model seen in flow time), with guidance."""
   _, _, workdir = converted[kind]
-  setup, state = trainer.load_workdir(workdir)
+  setup, state = task_lib.load_workdir(workdir)
   labels = np.array([1, 2], np.int32)
-  images = trainer.generate(setup, state["ema"], labels, jax.random.PRNGKey(0), "euler", 2,
-                            cfg_scale=2.0, interval=(0.0, 0.9))
+  settings = setup.config.sample.copy_and_resolve_references()
+  settings.update(solver="euler", num_steps=2, shift=1.0, cfg_scale=2.0, interval=(0.0, 0.9),
+                  guided_channels=None)
+  images = setup.predict["generate"](state["ema"], labels, jax.random.PRNGKey(0), settings)
   size = setup.config.model.input_size
   assert images.shape == (2, size, size, setup.config.model.in_channels)
   assert np.all(np.isfinite(images))
   if kind.startswith("dit"):  # and DiT's own sampler, on the same checkpoint
-    apply = lambda p, x, s, y: ddpm.predict(setup.model(p), x, s, y)
+    apply = lambda p, x, s, y: ddpm.predict(setup.apply, p, x, s, y)
     sampler = make_ddpm_sampler(apply, method="ddpm", num_steps=3, cfg_scale=1.5,
                                 guided_channels=3, null_label=1000)
     noise = jax.random.normal(jax.random.PRNGKey(1), images.shape)
@@ -181,7 +184,7 @@ def test_ema_entry_is_read(converted, tmp_path):
   arch = TINY["lightningdit-xl-1-800ep"]
   workdir = convert_dit.convert("lightningdit-xl-1-800ep", src, str(tmp_path / "w"),
                                 overrides(arch))
-  _, state = trainer.load_workdir(workdir)
+  _, state = task_lib.load_workdir(workdir)
   np.testing.assert_array_equal(state["ema"]["blocks"][1]["mlp"]["w3"]["kernel"],
                                 sd["blocks.1.mlp.w3.weight"].T)
 
@@ -234,7 +237,7 @@ def test_a_converted_checkpoint_of_another_model_is_refused_by_the_trainer(conve
   """--init_from a converted LightningDiT into a DiT run lists the mismatching arrays."""
   _, _, workdir = converted["lightningdit-xl-1-800ep"]
   config = convert_dit.kind_config("dit-xl-2-256", overrides(TINY["dit-xl-2-256"]))
-  setup = trainer.Setup(config, sharding.make_mesh(config.mesh))
+  setup = task_lib.build(config, sharding.make_mesh(config.mesh))
   with pytest.raises(TesseraxError, match="different model.*mlp"):
     checkpoint.restore_params(os.path.join(workdir, "checkpoints"), setup.abstract_state,
                               config.checkpoint)
@@ -281,21 +284,21 @@ def test_sample_cli_ddim_with_the_official_guided_channels(converted, tmp_path, 
   sampler on a flow model, or latents without a tokenizer, are refused in one line."""
   from test_latents import tiny_tokenizer
   from tesserax import cli
-  from tesserax.convert import vae
+  from tesserax.tokenizers import tokenizer as tokenizer_lib
   from tesserax.data.preprocess import to_uint8
   _, _, workdir = converted["dit-xl-2-256"]
-  tokenizer = vae.load_tokenizer(tiny_tokenizer(tmp_path / "tokenizer", seed=0))[0]
+  tokenizer = tokenizer_lib.load(tiny_tokenizer(tmp_path / "tokenizer", seed=0)).model
   out = str(tmp_path / "s.npz")
   args = ["sample", "--workdir", workdir, "--num", "4", "--sampler", "ddim", "--steps", "3",
           "--cfg", "4.0", "--seed", "1", "--out", out, "--tokenizer", str(tmp_path / "tokenizer")]
   assert cli.main(args + ["--guided_channels", "3"]) == 0
   with np.load(out) as f:
     got, labels = f["arr_0"], f["arr_1"]
-  setup, state = trainer.load_workdir(workdir)
+  setup, state = task_lib.load_workdir(workdir)
   c = setup.config
   shape = (4, c.data.resolution, c.data.resolution, c.model.in_channels)
   noise = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(1), 0), shape)
-  sampler = make_ddpm_sampler(lambda p, x, s, y: ddpm.predict(setup.model(p), x, s, y),
+  sampler = make_ddpm_sampler(lambda p, x, s, y: ddpm.predict(setup.apply, p, x, s, y),
                               method="ddim", num_steps=3, cfg_scale=4.0, guided_channels=3,
                               null_label=c.model.num_classes)
   latents = sampler(state["ema"], noise, jnp.asarray(labels), jax.random.PRNGKey(0))

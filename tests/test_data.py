@@ -12,7 +12,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from tesserax.data import pipeline
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 
 
 def _cfg(data_dir, **overrides):

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from scipy import integrate, special, stats
 
-from tesserax.errors import TesseraxError
-from tesserax.generators.objectives import ddpm, rectified_flow
-from tesserax.sampling import ddpm as sampling_ddpm
+from tesserax.core.errors import TesseraxError
+from tesserax.objectives import ddpm
+from test_objective import loss_of
+from tesserax.sampling import ddpm_sampler as sampling_ddpm
 from tesserax.sampling import guidance
-from test_sampling import gmm_velocity_np  # the exact mixture field of fewstep.md §10.1
+from test_sampling import gmm_velocity_np  # the exact Gaussian-mixture field
 
 BETAS = np.linspace(1e-4, 0.02, 1000)  # DiT: 1000 linear betas
 AB = np.cumprod(1 - BETAS)
@@ -145,8 +146,8 @@ def test_loss_is_mse_plus_vb_with_vb_on_the_variance_only():
   batch = {"image": STD * jax.random.normal(jax.random.PRNGKey(5), (16, 4, 4, 2)),
            "label": jnp.zeros(16, jnp.int32)}
   config = ml_collections.ConfigDict({"name": "ddpm"})
-  run = jax.jit(lambda theta: ddpm.loss(_gaussian_model(theta), batch, jax.random.PRNGKey(6),
-                                        objective=config, num_classes=10, class_dropout=0.1))
+  run = jax.jit(lambda theta: loss_of(_gaussian_model(theta), batch, jax.random.PRNGKey(6),
+                                      config, class_dropout=0.1))
   theta = jnp.array([0.5, 0.2])
   total, metrics = run(theta)
   np.testing.assert_allclose(total, metrics["mse"] + metrics["vb"], rtol=1e-6)
@@ -165,8 +166,8 @@ def test_mse_of_the_exact_epsilon_is_the_irreducible_error():
 
   batch = {"image": STD * jax.random.normal(jax.random.PRNGKey(7), (4096, 2, 2, 1)),
            "label": jnp.zeros(4096, jnp.int32)}
-  _, metrics = ddpm.loss(exact, batch, jax.random.PRNGKey(8), objective=None, num_classes=10,
-                         class_dropout=0.0)
+  _, metrics = loss_of(exact, batch, jax.random.PRNGKey(8),
+                       ml_collections.ConfigDict({"name": "ddpm"}))
   expected = np.mean(AB * STD ** 2 / (AB * STD ** 2 + 1 - AB))
   assert abs(float(metrics["mse"]) / expected - 1) < 0.05
 
@@ -181,13 +182,14 @@ def test_velocity_in_flow_time_is_the_exact_flow_velocity():
   def model(x, tau, labels):  # the network input is k / 1000
     return exact_eps_apply(STD)(None, x, jnp.round(tau * 1000), labels)
 
-  ours = ddpm.velocity(model, jnp.asarray(x), jnp.asarray(t, jnp.float32), None)
+  apply = lambda params, x, t, labels: model(x, t, labels)
+  ours = ddpm.velocity(apply, None, jnp.asarray(x), jnp.asarray(t, jnp.float32), None)
   tb = t[:, None, None, None]
   c = (1 - tb) ** 2 * STD ** 2 + tb ** 2
   d = x - (1 - tb) * MEAN
   exact = tb / c * d - (MEAN + (1 - tb) * STD ** 2 / c * d)
   np.testing.assert_allclose(ours, exact, rtol=1e-3, atol=1e-3 * np.abs(exact).max())
-  edges = ddpm.velocity(model, jnp.asarray(x[:2]), jnp.array([0.0, 1.0]), None)
+  edges = ddpm.velocity(apply, None, jnp.asarray(x[:2]), jnp.array([0.0, 1.0]), None)
   assert np.all(np.isfinite(edges))  # clamped to DDPM's range
 
 
@@ -202,15 +204,13 @@ def test_cosine_loss():
                                           logit_mean=0.0, logit_std=1.0, cosine_loss=True))
   for scale, mse, cosine in ((1.0, 0.0, 0.0), (2.0, None, 0.0), (-1.0, None, 2.0)):
     model = lambda x, t, y: scale * (x - MEAN) / t[:, None, None, None]
-    _, m = rectified_flow.loss(model, batch, jax.random.PRNGKey(0), objective=config,
-                               num_classes=10, class_dropout=0.0)
+    _, m = loss_of(model, batch, jax.random.PRNGKey(0), config)
     assert abs(float(m["cosine"]) - cosine) < 1e-4
     assert mse is None or float(m["mse"]) < 1e-4
     assert float(m["loss"]) == pytest.approx(float(m["mse"]) + float(m["cosine"]), rel=1e-6)
   # The zero-initialised output (adaLN-Zero) must give finite gradients.
-  grad = jax.grad(lambda s: rectified_flow.loss(
-      lambda x, t, y: s * jnp.zeros_like(x), batch, jax.random.PRNGKey(0), objective=config,
-      num_classes=10, class_dropout=0.0)[0])(1.0)
+  grad = jax.grad(lambda s: loss_of(
+      lambda x, t, y: s * jnp.zeros_like(x), batch, jax.random.PRNGKey(0), config)[0])(1.0)
   assert np.isfinite(grad)
 
 

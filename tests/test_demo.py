@@ -4,7 +4,7 @@ import os
 
 from PIL import Image
 
-from tesserax.training import demo
+from tesserax.demos import demo
 
 
 def test_demo_writes_grid_metrics_and_resumes(tiny_config, tmp_path, capsys):

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tesserax.core.errors import TesseraxError
 from tesserax.generators import dit
+from tesserax.nn import layers
 from test_dit_family import numpy_forward  # the official forward in float64 NumPy
 
 SMALL = dict(input_size=8, in_channels=3, patch_size=2, hidden_size=32, depth=2, num_heads=4,
@@ -51,7 +53,7 @@ def _numpy_pos_embed(dim, grid):
 
 
 def test_pos_embed_matches_the_official_formula():
-  np.testing.assert_allclose(dit.sincos_pos_embed_2d(64, 4), _numpy_pos_embed(64, 4), atol=1e-12)
+  np.testing.assert_allclose(layers.sincos_pos_embed_2d(64, 4), _numpy_pos_embed(64, 4), atol=1e-12)
 
 
 def test_init_follows_adaln_zero():
@@ -135,3 +137,47 @@ def test_forward_flops_match_the_papers_gflops(name, input_size, gmacs, digits):
   # `digits` decimals.
   flops = dit.forward_flops(dit.dit_config(name, input_size=input_size))
   assert abs(flops / 2e9 - gmacs) <= 0.5 * 10 ** -digits + 1e-9
+
+
+def _random_params(model, seed):
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(lambda x: (0.2 * rng.standard_normal(x.shape)).astype(np.float32),
+                        nnx.to_pure_dict(params))
+  return graphdef, params, nnx.to_pure_dict(rest)
+
+
+def test_second_time_input():
+  """`second_time` adds an s_embedder (a copy of t_embedder) whose output joins c; without it
+  the model, its parameter count and FLOPs are DiT's."""
+  plain = dit.dit_config("S/2", **SMALL)
+  assert dit.dit_config("S/2", **SMALL, second_time=False) == plain
+  flow_map = dit.dit_config("S/2", **SMALL, second_time=True)
+  del plain["second_time"]  # a config written before the option: still a DiT
+  d, time_mlp = 32, 256 * 32 + 32 + 32 * 32 + 32
+  assert dit.count_params(flow_map) == dit.count_params(plain) + time_mlp
+  assert dit.forward_flops(flow_map) == dit.forward_flops(plain) + 2 * (256 * d + d * d)
+  graphdef, params, rest = _random_params(dit.DiT(plain, rngs=nnx.Rngs(0)), 1)
+  model = nnx.merge(graphdef, params, rest)
+  two = dit.DiT(flow_map, rngs=nnx.Rngs(0))
+  # Built last: every other parameter is initialised as in the plain DiT.
+  init = nnx.to_pure_dict(nnx.state(dit.DiT(plain, rngs=nnx.Rngs(0)), nnx.Param))
+  init_two = nnx.to_pure_dict(nnx.state(two, nnx.Param))
+  assert set(init_two) - set(init) == {"s_embedder"}
+  jax.tree.map(np.testing.assert_array_equal, init, {k: init_two[k] for k in init})
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
+  t, s, y = jnp.array([0.2, 0.7]), jnp.array([0.1, 0.4]), jnp.array([0, 5])
+  with pytest.raises(TesseraxError, match="second_time"):
+    model(x, t, y, s=s)
+  with pytest.raises(TesseraxError, match="pass s"):
+    two(x, t, y)
+  # A zero s_embedder output leaves c = t_emb + y_emb: exactly the plain DiT.
+  state = nnx.to_pure_dict(nnx.state(two, nnx.Param))
+  state.update(params, s_embedder=jax.tree.map(np.zeros_like, state["s_embedder"]))
+  nnx.update(two, state)
+  np.testing.assert_array_equal(two(x, t, y, s=s), model(x, t, y))
+  state["s_embedder"] = jax.tree.map(lambda a: 0.2 * np.ones_like(a), state["s_embedder"])
+  nnx.update(two, state)
+  out = two(x, t, y, s=s)
+  assert np.abs(out - model(x, t, y)).max() > 1e-3
+  assert np.abs(out - two(x, t, y, s=s[::-1])).max() > 1e-3

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tesserax.core import config as config_lib, sharding
+from tesserax.demos import demo
 from tesserax.generators import dit
-from tesserax.training import demo, sharding, trainer
-from tesserax.training import config as config_lib
+from tesserax.training import task as task_lib
 
 # size: (depth, hidden, heads) of DiT models.py and LightningDiT models/lightningdit.py.
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16),
@@ -301,10 +302,10 @@ def test_tiny_lightningdit_trains_on_digits_through_the_trainer_and_demo(digits_
   assert config.objective.cosine_loss and config.model.rope and config.model.mlp == "swiglu"
   workdir = str(tmp_path / "ldit")
   results = demo.run(config, workdir)
-  assert sorted(results["euler"], key=int) == [str(n) for n in config.eval.nfe]
+  assert sorted(results["euler"], key=int) == [str(n) for n in config.demo.nfe]
   for entry in results["euler"].values():
     assert np.isfinite(entry["fid"]) and 0 <= entry["accuracy"] <= 1
-  setup, state = trainer.load_workdir(workdir)
+  _, state = task_lib.load_workdir(workdir)
   assert int(state["step"]) == config.num_steps
   with open(f"{workdir}/metrics.jsonl") as f:
     assert '"cosine"' in f.read()  # the velocity-direction loss is logged

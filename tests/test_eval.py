@@ -13,8 +13,8 @@ from PIL import Image
 
 from tesserax.backbones.digits_net import digits_images, load_digits_net
 from tesserax.data.preprocess import to_uint8
-from tesserax.errors import TesseraxError
-from tesserax.eval.digits import digits_metrics, digits_reference_stats
+from tesserax.core.errors import TesseraxError
+from tesserax.eval.digits_metrics import digits_metrics, digits_reference_stats
 from tesserax.eval.frechet import frechet_distance
 from tesserax.eval.grid import save_grid
 from tesserax.eval.stats import FeatureStats, all_processes

@@ -14,7 +14,7 @@ from flax import nnx
 from numpy.lib.stride_tricks import sliding_window_view
 
 from tesserax.backbones import inception, weights
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 
 
 # ----------------------------------------------------------- the official state dict (eval.md)

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tesserax.convert import torch_reader, vae
-from tesserax.errors import TesseraxError
-from tesserax.tokenizers import kl_autoencoder
+from tesserax.convert import torch_reader
+from tesserax.convert import vae_checkpoints as vae
+from tesserax.core import registry
+from tesserax.core.errors import TesseraxError
+from tesserax.tokenizers import kl_autoencoder, tokenizer
 
 KEYS_FILE = "/work/shared/reference/keys/vavae_f16d32.txt"
 
@@ -130,7 +132,8 @@ def tiny_vavae():
 
 
 def torch_shapes(config):
-  """{LDM key: torch shape}, from the official naming scheme (nothing from convert/vae.py)."""
+  """{LDM key: torch shape}, from the official naming scheme (nothing from
+  convert/vae_checkpoints.py)."""
   c, shapes = config, {}
   widths = [c.ch * m for m in c.ch_mult]
 
@@ -225,6 +228,7 @@ def test_parameter_counts_equal_the_official_ones():
   # keys/vavae_f16d32.txt header: total=69836067 enc=28413248 dec=41417603.
   assert va_counts == [69836067, 28413248, 41417603]
   assert model.latent_shape == (16, 16, 32) and model.is_discrete is False
+  assert (model.latent_dtype, model.codebook_size) == (np.float32, 0)
   # diffusers AutoencoderKL of stabilityai/sd-vae-ft-mse: 83,653,863 parameters.
   model, sd_counts = counts(kl_autoencoder.sd_vae_f8d4())
   assert sd_counts[0] == 83653863 and model.latent_shape == (32, 32, 4)
@@ -242,6 +246,12 @@ def test_parameter_counts_equal_the_official_ones():
     assert ours == listed
 
 
+def test_registered_as_a_tokenizer_and_its_converters():
+  assert registry.TOKENIZERS.get("kl_autoencoder") is kl_autoencoder.KLAutoencoder
+  for kind in ("vavae-f16d32", "sd-vae-ft-ema", "sd-vae-ft-mse"):
+    assert registry.CONVERTERS.get(kind).convert is vae.convert_vae
+
+
 def test_converted_vavae_matches_numpy_float64(tmp_path):
   config = tiny_vavae()
   sd = random_state_dict(torch_shapes(config))
@@ -254,7 +264,9 @@ def test_converted_vavae_matches_numpy_float64(tmp_path):
            std=np.full((1, 32, 1, 1), 2.0, np.float32))
   out = vae.convert_vae("vavae-f16d32", tmp_path / "vavae.safetensors", tmp_path / "tok",
                         stats=tmp_path / "stats.npz", config=config)
-  model, stats = vae.load_tokenizer(out)
+  loaded = tokenizer.load(out)
+  model, stats = loaded.model, loaded.stats
+  assert (loaded.kind, loaded.family) == ("vavae-f16d32", "kl_autoencoder")
   np.testing.assert_array_equal(stats["mean"], np.arange(32))
   np.testing.assert_array_equal(stats["std"], np.full(32, 2.0))
   oracle = Oracle(sd)
@@ -270,16 +282,16 @@ def test_converted_vavae_matches_numpy_float64(tmp_path):
     np.testing.assert_allclose(nchw(got_mean), mean, rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(nchw(got_logvar), logvar, rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(nchw(got_recon), recon, rtol=1e-5, atol=1e-9)
-    key = jax.random.key(3)
-    eps = jax.random.normal(key, got_mean.shape, got_mean.dtype)
-    np.testing.assert_allclose(model64.encode(x, key), got_mean + np.exp(0.5 * got_logvar) * eps,
-                               rtol=1e-12)
+    keys = jax.random.split(jax.random.key(3), 2)  # one key per example
+    eps = np.stack([jax.random.normal(k, got_mean.shape[1:], got_mean.dtype) for k in keys])
+    np.testing.assert_allclose(model64.encode(x, keys),
+                               got_mean + np.exp(0.5 * got_logvar) * eps, rtol=1e-12)
     np.testing.assert_array_equal(model64.encode(x), got_mean)
 
 
 def diffusers_state_dict(ldm, levels, legacy):
   """The diffusers AutoencoderKL file of an LDM state dict, by the renames of diffusers'
-  convert_vae_pt_to_diffusers (written out here, independent of convert/vae.py)."""
+  convert_vae_pt_to_diffusers (written out here, independent of convert/vae_checkpoints.py)."""
   attn_names = ({"q": "query", "k": "key", "v": "value", "proj_out": "proj_attn"} if legacy
                 else {"q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"})
   out = {}
@@ -317,7 +329,9 @@ def test_sd_vae_diffusers_round_trip(tmp_path, legacy):
   torch_reader.write(str(tmp_path / "diffusion_pytorch_model.safetensors"), file)
   out = vae.convert_vae("sd-vae-ft-mse", tmp_path / "diffusion_pytorch_model.safetensors",
                         tmp_path / "tok", config=config)
-  model, stats = vae.load_tokenizer(out)
+  loaded = tokenizer.load(out)
+  model, stats = loaded.model, loaded.stats
+  assert loaded.kind == "sd-vae-ft-mse"
   np.testing.assert_allclose(stats["std"], np.full(4, 1 / 0.18215), rtol=1e-6)
   np.testing.assert_array_equal(stats["mean"], np.zeros(4))
   # Round trip: every converted parameter is its source tensor in the flax layout.
@@ -358,7 +372,7 @@ def tiny_model(tmp_path_factory):
   np.savez(tmp / "stats.npz", mean=np.zeros(32), std=np.ones(32))
   out = vae.convert_vae("vavae-f16d32", tmp / "vavae.safetensors", tmp / "tok",
                         stats=tmp / "stats.npz", config=config)
-  return vae.load_tokenizer(out)[0]
+  return tokenizer.load(out).model
 
 
 def test_bad_input_is_refused_with_one_line(tmp_path, tiny_model):
@@ -398,8 +412,14 @@ def test_bad_input_is_refused_with_one_line(tmp_path, tiny_model):
   meta["model"]["ch"] = 32
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(meta, f)
-  one_line_error(lambda: vae.load_tokenizer(out), "params.npz")
-  one_line_error(lambda: vae.load_tokenizer(tmp_path), "not a tokenizer directory")
+  one_line_error(lambda: tokenizer.load(out), "params.npz")
+  one_line_error(lambda: tokenizer.load(tmp_path), "not a tokenizer directory")
+  one_line_error(lambda: tokenizer.load(tmp_path / "none"), "tokenizer directory not found")
+  meta["model"]["ch"] = 64
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(meta, f)
+  os.remove(os.path.join(out, tokenizer.STATS_FILE))
+  one_line_error(lambda: tokenizer.load(out), "without latent_stats.npz")
 
 
 def test_logvar_is_clamped(tiny_model):

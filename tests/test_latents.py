@@ -1,21 +1,28 @@
-"""Latent caches: the cache equals a direct computation, 8 devices give the cache of 1, an
-interrupted encode resumes exactly, its statistics, and the `latents` dataset of the pipeline."""
+"""Caches: the cache equals a direct computation, 8 devices give the cache of 1, an
+interrupted encode resumes exactly, its statistics, the `latents` dataset of the pipeline, and
+a cache of token ids written by a discrete tokenizer."""
+import hashlib
+import json
 import os
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from flax import nnx
 
-from tesserax.convert import vae
-from tesserax.data import latents
+from tesserax.core import registry
+from tesserax.core.errors import TesseraxError
+from tesserax.data import cache as cache_lib
 from tesserax.data import pipeline
-from tesserax.errors import TesseraxError
+from tesserax.data import preprocess
+from tesserax.tokenizers import cache_encoder
 from tesserax.tokenizers import kl_autoencoder
+from tesserax.tokenizers import tokenizer
 
 # One worker builds the module fixtures (compiled once) under `--dist loadgroup`.
 pytestmark = pytest.mark.xdist_group("latent_cache")
@@ -25,12 +32,12 @@ SEED, SHARD, BATCH = 3, 64, 32  # the digits test split (297 examples) in 5 shar
 NUM_EXAMPLES = 297
 
 
-def tiny_tokenizer(directory, seed):
+def tiny_tokenizer(directory, seed, channels=3):
   """A random-weight KL autoencoder, its weights drawn by NumPy (nnx's initialisers compile
-  for seconds), written by save_tokenizer."""
+  for seconds), written by tokenizer.save."""
   config = kl_autoencoder.vavae_f16d32()
   config.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), z_channels=4,
-                embed_dim=4, resolution=16)
+                embed_dim=4, resolution=16, in_channels=channels)
   rng = np.random.default_rng(seed)
   params = {}
   for path, x in nnx.to_flat_state(nnx.state(nnx.eval_shape(lambda: kl_autoencoder.build(config)),
@@ -38,9 +45,9 @@ def tiny_tokenizer(directory, seed):
     name = ".".join(map(str, path))
     std = 1 / np.sqrt(np.prod(x.shape[:-1])) if name.endswith("kernel") else 0.1
     params[name] = (rng.normal(0, std, x.shape) + name.endswith("scale")).astype(np.float32)
-  directory = vae.save_tokenizer(directory, "vavae-f16d32", config, params,
-                                 {"mean": np.zeros(4), "std": np.ones(4)})
-  saved = vae.flat_params(vae.load_tokenizer(directory)[0])
+  directory = tokenizer.save(directory, "vavae-f16d32", "kl_autoencoder", config, params,
+                             {"mean": np.zeros(4), "std": np.ones(4)})
+  saved = tokenizer.flat_params(tokenizer.load(directory).model)
   assert saved.keys() == params.keys() and all(np.array_equal(saved[k], params[k]) for k in params)
   return directory
 
@@ -58,7 +65,8 @@ def _latent_cfg(cache_dir, **overrides):
 
 def _encode(tokenizer_dir, data_dir, out_dir, log=lambda _: None, **kwargs):
   kwargs = dict(dict(splits=("test",), batch_size=BATCH, shard_size=SHARD, seed=SEED), **kwargs)
-  return latents.encode(tokenizer_dir, _image_cfg(data_dir), str(out_dir), log=log, **kwargs)
+  return cache_encoder.encode(tokenizer_dir, _image_cfg(data_dir), str(out_dir), log=log,
+                              **kwargs)
 
 
 def _records(cache_dir):
@@ -89,7 +97,7 @@ def test_cache_holds_posterior_samples_of_images_and_flips(cache, records, token
   images, labels = pipeline.load_split(_image_cfg(digits_data_dir), "test")
   np.testing.assert_array_equal(records["index"], np.arange(NUM_EXAMPLES))
   np.testing.assert_array_equal(records["label"], labels)
-  model, _ = vae.load_tokenizer(tokenizer_dir)
+  model = tokenizer.load(tokenizer_dir).model
   some = [0, 63, 64, 296]  # shard and batch boundaries, the padded last batch
   rgb = np.tile(images[some], (1, 1, 1, 3))
   mean, logvar = jax.jit(model.posterior)(np.concatenate([rgb, rgb[:, :, ::-1]]))
@@ -107,11 +115,11 @@ def test_cache_holds_posterior_samples_of_images_and_flips(cache, records, token
 
 
 def test_latent_stats_are_float64_moments_of_the_unflipped_latents(cache, records):
-  stats = latents.cache_stats(cache)
+  stats = cache_lib.cache_stats(cache)
   z = records["latent"].astype(np.float64)
   np.testing.assert_allclose(stats["mean"], z.mean((0, 1, 2)), rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(stats["std"], z.std((0, 1, 2)), rtol=1e-6)
-  info = latents.read_info(cache)
+  info = cache_lib.read_info(cache)
   assert (info["seed"], info["latent_shape"], info["image_channels"]) == (SEED, [8, 8, 4], 1)
 
 
@@ -159,13 +167,14 @@ def test_interrupted_encode_resumes_exactly(cache, records, tokenizer_dir, digit
   for key, value in resumed.items():
     np.testing.assert_array_equal(value, records[key], err_msg=key)
   for key in ("mean", "std"):
-    np.testing.assert_array_equal(latents.cache_stats(out)[key], latents.cache_stats(cache)[key])
+    np.testing.assert_array_equal(cache_lib.cache_stats(out)[key],
+                                  cache_lib.cache_stats(cache)[key])
   assert not partial.exists()
 
 
 def test_latents_loader_normalises_and_picks_stored_flips(cache, records):
   cfg = _latent_cfg(cache, random_flip=True)
-  stats = latents.cache_stats(cache)
+  stats = cache_lib.cache_stats(cache)
   batch_size, num_batches, seed = 40, 8, 5  # 320 positions: into the second epoch
   loader = pipeline.make_train_loader(cfg, batch_size, seed=seed)
   got = [next(loader) for _ in range(num_batches)]
@@ -193,13 +202,16 @@ def test_latents_loader_normalises_and_picks_stored_flips(cache, records):
 
 
 def test_decoder_denormalises_and_decodes(cache, records, tokenizer_dir):
-  stats = latents.cache_stats(cache)
-  decode = latents.load_decoder(cache, batch_size=2)
+  stats = cache_lib.cache_stats(cache)
+  decode = cache_encoder.load_decoder(cache, batch_size=2)
   images = decode((records["latent"][:3] - stats["mean"]) / stats["std"])
-  model, _ = vae.load_tokenizer(tokenizer_dir)
-  expected = np.clip(jax.jit(model.decode)(records["latent"][:3]), -1, 1).mean(-1, keepdims=True)
+  loaded = tokenizer.load(tokenizer_dir)
+  decoded = np.clip(jax.jit(loaded.model.decode)(records["latent"][:3]), -1, 1)
   assert images.shape == (3, 16, 16, 1)
-  np.testing.assert_allclose(images, expected, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(images, decoded.mean(-1, keepdims=True), rtol=1e-4, atol=1e-4)
+  # The tokenizer's own statistics (mean 0, std 1) and channels: `sample --tokenizer`.
+  np.testing.assert_allclose(loaded.decode_normalized(records["latent"][:3], batch_size=2),
+                             decoded, rtol=1e-4, atol=1e-4)
 
 
 def _one_line_error(fn, match):
@@ -226,6 +238,127 @@ def test_one_line_errors(cache, tokenizer_dir, digits_data_dir, tmp_path):
                   "tokenizer directory not found")
   _one_line_error(lambda: _encode(str(tmp_path), digits_data_dir, tmp_path / "c"),
                   "not a tokenizer directory")
-  _one_line_error(lambda: latents.encode(tokenizer_dir, _image_cfg(digits_data_dir, resolution=8),
-                                         str(tmp_path / "c")),
+  _one_line_error(lambda: cache_encoder.encode(tokenizer_dir,
+                                               _image_cfg(digits_data_dir, resolution=8),
+                                               str(tmp_path / "c")),
                   "image resolution 8 differs from the tokenizer's 16")
+
+
+# ------------------------------------------------------------- a cache of integer token ids
+
+
+PATCH, LEVELS = 4, 8
+
+
+class PatchLevels(nnx.Module):
+  """A tiny discrete tokenizer: the id of each 4x4 patch is the sum of its 8-bit pixel values
+  in 8 equal bins (exact integer arithmetic); decoding paints each patch with the middle of its
+  bin in [-1, 1] plus `offset`."""
+
+  is_discrete = True
+  latent_dtype = np.int32
+  codebook_size = LEVELS
+
+  def __init__(self, config, *, rngs):
+    del rngs
+    self.resolution, self.channels = config.resolution, config.channels
+    side = config.resolution // PATCH
+    self.latent_shape = (side, side, 1)
+    self.offset = nnx.Param(jnp.zeros(()))
+
+  def encode(self, images, keys=None):
+    assert keys is None or len(keys) == len(images)  # one key per example
+    n, side = len(images), self.latent_shape[0]
+    pixels = jnp.round((images + 1) * 127.5).astype(jnp.int32)
+    sums = pixels.reshape(n, side, PATCH, side, PATCH, -1).sum((2, 4, 5))
+    return (sums * LEVELS // (PATCH * PATCH * self.channels * 256))[..., None]
+
+  def decode(self, ids):
+    values = (ids[..., 0] + 0.5) / LEVELS * 2 - 1 + self.offset[...]
+    patches = jnp.repeat(jnp.repeat(values, PATCH, axis=1), PATCH, axis=2)
+    return jnp.repeat(patches[..., None], self.channels, axis=-1)
+
+
+registry.TOKENIZERS.register("patch_levels", PatchLevels)
+
+
+def expected_ids(images):
+  """The ids of PatchLevels.encode of uint8 images [n, 16, 16, 1], computed with NumPy."""
+  n, side = len(images), images.shape[1] // PATCH
+  sums = images.astype(np.int64).reshape(n, side, PATCH, side, PATCH).sum((2, 4))
+  return (sums * LEVELS // (PATCH * PATCH * 256))[..., None]
+
+
+@pytest.fixture(scope="module")
+def token_cache(digits_data_dir, tmp_path_factory):
+  config = ml_collections.ConfigDict(dict(resolution=16, channels=1))
+  tokenizer_dir = tokenizer.save(tmp_path_factory.mktemp("patch_levels"), "patch_levels",
+                                 "patch_levels", config, {"offset": np.float32(0.75)})
+  return tokenizer_dir, _encode(tokenizer_dir, digits_data_dir,
+                                tmp_path_factory.mktemp("token_cache") / "c")
+
+
+def test_token_id_cache_round_trip(token_cache, digits_data_dir):
+  tokenizer_dir, cache = token_cache
+  loaded = tokenizer.load(tokenizer_dir)
+  assert loaded.stats is None and loaded.family == "patch_levels"
+  assert not os.path.exists(os.path.join(tokenizer_dir, tokenizer.STATS_FILE))
+  assert not os.path.exists(os.path.join(cache, cache_lib.STATS_FILE))
+  num_examples, read = pipeline.image_reader(_image_cfg(digits_data_dir), "test")
+  images, labels = read(np.arange(num_examples))
+  records = _records(cache)
+  for key, x in (("latent", images), ("latent_flip", images[:, :, ::-1])):
+    assert records[key].dtype == np.int32, key
+    np.testing.assert_array_equal(records[key], expected_ids(x), err_msg=key)
+  assert 2 < len(np.unique(records["latent"])) <= LEVELS
+  np.testing.assert_array_equal(records["label"], labels)
+
+  # The pipeline serves the ids unnormalised as int32, the stored flipped ones where flipped.
+  ids, got_labels = pipeline.load_split(_latent_cfg(cache, resolution=4), "test")
+  assert ids.dtype == np.int32
+  np.testing.assert_array_equal(ids, records["latent"])
+  np.testing.assert_array_equal(got_labels, labels)
+  batch_size, seed = 64, 5
+  batch = next(pipeline.make_train_loader(_latent_cfg(cache, resolution=4, random_flip=True),
+                                          batch_size, seed=seed))
+  rng = np.random.default_rng([seed, 0])
+  order = rng.permutation(NUM_EXAMPLES)[:batch_size]
+  flips = (rng.random(NUM_EXAMPLES) < 0.5)[:batch_size]
+  assert 0 < flips.sum() < batch_size
+  assert batch["image"].dtype == np.int32
+  np.testing.assert_array_equal(
+      batch["image"], np.where(flips[:, None, None, None], records["latent_flip"][order],
+                               records["latent"][order]))
+
+  # Decoding: the ids as they are (no statistics), then clipped.
+  decoded = cache_encoder.load_decoder(cache, batch_size=8)(records["latent"][:10])
+  values = (records["latent"][:10, :, :, 0] + 0.5) / LEVELS * 2 - 1 + 0.75
+  expected = np.repeat(np.repeat(values, PATCH, 1), PATCH, 2)[..., None]
+  assert decoded.shape == (10, 16, 16, 1) and (expected > 1).any()
+  np.testing.assert_allclose(decoded, np.clip(expected, -1, 1), rtol=1e-6, atol=1e-6)
+  assert cache_lib.read_info(cache)["tokenizer"]["kind"] == "patch_levels"
+
+
+def test_a_tokenizer_directory_of_the_old_format_loads(tokenizer_dir, tmp_path):
+  """convert/vae.py wrote config.json without "tokenizer": such a directory is a KL
+  autoencoder and loads (and encodes) as before."""
+  old = tmp_path / "old"
+  old.mkdir()
+  for name in (tokenizer.PARAMS_FILE, tokenizer.STATS_FILE):
+    (old / name).write_bytes(open(os.path.join(tokenizer_dir, name), "rb").read())
+  config = tokenizer.read_config(tokenizer_dir)
+  (old / tokenizer.CONFIG_FILE).write_text(
+      '{"kind": "vavae-f16d32", "model": %s}' % json.dumps(config["model"].to_dict()))
+  new, legacy = tokenizer.load(tokenizer_dir), tokenizer.load(old)
+  assert (legacy.kind, legacy.family) == ("vavae-f16d32", "kl_autoencoder")
+  assert isinstance(legacy.model, kl_autoencoder.KLAutoencoder)
+  assert legacy.digest == new.digest == hashlib.sha256(
+      (old / tokenizer.PARAMS_FILE).read_bytes()).hexdigest()
+  assert legacy.config.to_dict() == new.config.to_dict()
+  for k in ("mean", "std"):
+    np.testing.assert_array_equal(legacy.stats[k], new.stats[k])
+  params, want = tokenizer.flat_params(legacy.model), tokenizer.flat_params(new.model)
+  assert params.keys() == want.keys()
+  assert all(np.array_equal(params[k], want[k]) for k in want)
+  z = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+  np.testing.assert_array_equal(legacy.decode_normalized(z), new.decode_normalized(z))

@@ -19,7 +19,7 @@ from _sharded_metrics_worker import worker_images
 from test_inception import random_state_dict
 from tesserax.backbones import dinov2, inception, weights
 from tesserax.data.preprocess import to_uint8
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 from tesserax.eval import metrics, reference
 from tesserax.eval.frechet import frechet_distance
 

@@ -14,24 +14,23 @@ from PIL import Image
 
 from test_latents import tiny_tokenizer
 from tesserax import cli
-from tesserax.convert import vae
 from tesserax.data import pipeline
 from tesserax.data.preprocess import resize_center_crop, to_model_range, to_uint8
 from tesserax.eval import metrics
-from tesserax.tokenizers import reconstruct
+from tesserax.tokenizers import reconstruct, tokenizer
 
 RESOLUTION = 16
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-  """A random-weight tokenizer directory (16x16 -> 8x8x4) in the convert/vae.py format."""
+  """A random-weight tokenizer directory (16x16 -> 8x8x4)."""
   return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"), seed=1)
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer_dir):
-  return vae.load_tokenizer(tokenizer_dir)[0]
+  return tokenizer.load(tokenizer_dir).model
 
 
 def digits_test_images(data_dir, num):
@@ -74,6 +73,16 @@ def test_reconstruct_is_decode_of_the_posterior_mean(model):
   out = reconstruct.reconstruct(model, images, batch_size=3)  # two batches, the last padded
   assert out.shape == images.shape and out.dtype == np.float32
   np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_a_grayscale_tokenizer_reconstructs_the_first_channel_tiled(tmp_path):
+  model = tokenizer.load(tiny_tokenizer(tmp_path / "gray", seed=3, channels=1)).model
+  gray = np.random.default_rng(4).uniform(-1, 1, (3, RESOLUTION, RESOLUTION, 1))
+  gray = gray.astype(np.float32)
+  expected = np.clip(np.asarray(model.decode(model.encode(gray))), -1, 1)
+  out = reconstruct.reconstruct(model, np.repeat(gray, 3, axis=-1), batch_size=2)
+  assert out.shape == (3, RESOLUTION, RESOLUTION, 3)
+  np.testing.assert_allclose(out, np.repeat(expected, 3, axis=-1), atol=1e-5)
 
 
 def test_reconstruct_command_and_eval_recon_on_digits(tokenizer_dir, model, digits_data_dir,
@@ -121,6 +130,8 @@ def test_reconstruct_command_reads_an_image_folder(tokenizer_dir, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["reconstruct", "--tokenizer", "{tmp}/none", "--data", "digits", "--out", "{tmp}/o"],
+     "tokenizer directory not found"),
+    (["reconstruct", "--tokenizer", "{tmp}", "--data", "digits", "--out", "{tmp}/o"],
      "not a tokenizer directory"),
     (["reconstruct", "--tokenizer", "{tok}", "--data", "digits", "--resolution", "32",
       "--out", "{tmp}/o"], "--resolution 32 differs from the tokenizer's 16"),

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 from tesserax.sampling import guidance, sample, solvers, timesteps
 
 # fewstep.md §10.1, W2 = |std_out - s| for data N(0, s^2): steps -> value.
@@ -282,7 +282,7 @@ def test_sampler_compiles_once_and_checks_input():
 SHARDED_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, PartitionSpec as P
-    from tesserax.errors import TesseraxError
+    from tesserax.core.errors import TesseraxError
     from tesserax.sampling.sample import make_sampler
     from test_sampling import class_gaussian_apply, SAMPLER_MEANS, SCALE
     assert jax.device_count() == 8

@@ -1,4 +1,4 @@
-"""The tokenizer trainer (tokenizers/training.py) on the spine's trainer, with the tiny digits
+"""The autoencoder tokenizer task (tasks/autoencoder.py) on the training loop, with the tiny digits
 VA-VAE recipe (configs/digits_kl.py:tiny): the one-pass vjp composition of the loss against
 separate jax.grad computations of each term, the discriminator start, the export."""
 import os
@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tesserax.convert import vae
 from tesserax.data.digits import digits_arrays
 from tesserax.data.preprocess import resize_uint8, to_model_range
-from tesserax.tokenizers import kl_autoencoder, losses, reconstruct
-from tesserax.training import checkpoint, config as config_lib, sharding, trainer
+from tesserax.tokenizers import kl_autoencoder, losses, reconstruct, tokenizer
+from tesserax.core import checkpoint, config as config_lib, sharding
+from tesserax.eval import evaluators
+from tesserax.training import loop
 
 # One worker builds the module fixtures (compiled once) under `--dist loadgroup`.
 pytestmark = pytest.mark.xdist_group("tokenizer_training")
@@ -25,7 +26,7 @@ def trained(digits_data_dir, tmp_path_factory):
   config = config_lib.load("digits_kl:tiny")
   config.data.data_dir = digits_data_dir
   workdir = str(tmp_path_factory.mktemp("kl_tiny"))
-  setup, state = trainer.train(config, workdir, log=lambda *_: None)
+  setup, state = loop.train(config, workdir, log=lambda *_: None)
   return setup, jax.device_get(state), workdir
 
 
@@ -139,10 +140,11 @@ def test_checkpoint_holds_the_whole_tokenizer_state_and_export_reconstructs(trai
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), state)
   assert data_state["next_index"] == 4
   # The exported tokenizer directory holds the EMA autoencoder.
-  model, stats = vae.load_tokenizer(os.path.join(workdir, "tokenizer"))
+  exported = tokenizer.load(os.path.join(workdir, "tokenizer"))
+  model, stats = exported.model, exported.stats
   images = _batch()["image"]
   want = setup.reconstruct(state["ema"], images)
-  got = np.clip(model(jnp.asarray(images))[0], -1, 1)
+  got = np.clip(model.decode(model.encode(jnp.asarray(images))), -1, 1)
   np.testing.assert_allclose(got, want, atol=1e-5)
   assert stats["mean"].shape == stats["std"].shape == (4,) and np.all(stats["std"] > 0)
   # `tesserax reconstruct` feeds it the first channel of 3-channel (tiled) evaluation images
@@ -158,19 +160,21 @@ def test_latent_demo_stages_on_the_trained_tokenizer(trained, tmp_path):
   from PIL import Image
   from tesserax.data.preprocess import to_uint8
   from tesserax.eval import metrics
-  from tesserax.training import demo
+  from tesserax.demos import demo
   setup, state, workdir = trained
   os.symlink(workdir, tmp_path / "tokenizer_run")
   generator = config_lib.load("digits_latent_dit:tiny")
-  generator.eval.nfe = (1,)  # one sampler to compile
+  generator.demo.nfe = (1,)  # one sampler to compile
   results = demo.run_latent(setup.config, generator, str(tmp_path))
-  images = setup.eval_images()
-  rec = vae.load_tokenizer(os.path.join(workdir, "tokenizer"))[0](jnp.asarray(images))[0]
+  recon = setup.config.evals.recon
+  images = evaluators.eval_images(setup.config.data, recon.split, recon.num_samples)
+  model = tokenizer.load(os.path.join(workdir, "tokenizer")).model
+  rec = model.decode(model.encode(jnp.asarray(images)))
   want = metrics.psnr(to_uint8(images), to_uint8(np.clip(np.asarray(rec), -1, 1))).mean()
   assert results["tokenizer"]["psnr"] == pytest.approx(want, rel=1e-5)
   assert generator.data.data_dir == str(tmp_path / "cache")
   assert set(results["generator"]["euler"]) == {"1"} and not results["generator"]["heun"]
   assert 0.0 <= results["generator"]["euler"]["1"]["accuracy"] <= 1.0
-  per_class = min(10, generator.eval.num_samples // 10)
+  per_class = min(10, generator.evals.digits.num_samples // 10)
   with Image.open(tmp_path / "generator" / "samples_grid.png") as grid:
     assert grid.size[1] > 10 * 16 * 4 - 1 and grid.size[0] > per_class * 16 * 4 - 1

@@ -13,15 +13,16 @@ import numpy as np
 import pytest
 
 from tesserax import cli
-from tesserax.errors import TesseraxError
-from tesserax.training import checkpoint, trainer
+from tesserax.core.errors import TesseraxError
+from tesserax.core import checkpoint
+from tesserax.training import loop, task as task_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
 
 
 def _state_of(workdir):
-  _, state = trainer.load_workdir(workdir)
+  _, state = task_lib.load_workdir(workdir)
   return jax.tree.map(np.asarray, jax.device_get(state))
 
 
@@ -49,18 +50,18 @@ def test_resume_equals_uninterrupted_run(tiny_config, tmp_path):
   tiny_config.num_steps = 8
   tiny_config.log_every_steps = 1
   tiny_config.checkpoint.every_steps = 100
-  trainer.train(tiny_config, str(tmp_path / "straight"), log=lambda _: None)
+  loop.train(tiny_config, str(tmp_path / "straight"), log=lambda _: None)
 
   def stop_at_4(line):
     if line.startswith("step 4/"):
       os.kill(os.getpid(), signal.SIGTERM)  # handled by the trainer: save and exit
 
   resumed = str(tmp_path / "resumed")
-  trainer.train(tiny_config, resumed, log=stop_at_4)
+  loop.train(tiny_config, resumed, log=stop_at_4)
   manager = checkpoint.make_manager(os.path.join(resumed, "checkpoints"), tiny_config.checkpoint,
                                     read_only=True)
   assert manager.all_steps() == [5]  # stopped after the signal, mid-run
-  trainer.train(tiny_config, resumed, log=lambda _: None)
+  loop.train(tiny_config, resumed, log=lambda _: None)
 
   straight, again = _state_of(str(tmp_path / "straight")), _state_of(resumed)
   assert int(again["step"]) == 8
@@ -149,7 +150,7 @@ def test_nan_guard_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_c
   tiny_config.log_every_steps = 1
   tiny_config.checkpoint.every_steps = 1
   with pytest.raises(TesseraxError, match=r"non-finite loss or gradients at step 1\b"):
-    trainer.train(tiny_config, str(tmp_path), log=lambda _: None)
+    loop.train(tiny_config, str(tmp_path), log=lambda _: None)
   state = _state_of(str(tmp_path))
   assert int(state["step"]) == 1
 
@@ -221,7 +222,7 @@ def test_help_of_every_command():
 
 def test_every_recipe_has_the_trainer_keys():
   """Each packaged config overrides base_config's keys, never drops one."""
-  from tesserax.training import config as config_lib
+  from tesserax.core import config as config_lib
 
   def paths(tree, prefix=""):
     out = set()

@@ -24,7 +24,7 @@ from PIL import Image
 
 from test_inception import official_shapes
 from tesserax.backbones import dinov2, vgg_lpips, weights
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 
 # ------------------------------------------------------------------------------- helpers
 

@@ -1,1 +1,3 @@
-"""Image <-> latents/tokens. KL autoencoders, TiTok and FlexTok land here (later issues)."""
+"""Image <-> latents/tokens: the tokenizer interface and directory format (tokenizer.py), the
+KL autoencoder, caches and reconstructions. Importing the package registers its tokenizers."""
+from tesserax.tokenizers import kl_autoencoder  # registers "kl_autoencoder"

@@ -21,8 +21,9 @@ copies (reference/tokenizers.md §3.1, §5):
   z_channels); the moments split into mean | logvar (torch.chunk(2, dim=1)), logvar clamped
   to [-30, 20] (DiagonalGaussianDistribution in ldm/modules/distributions/distributions.py).
 
-Module and parameter names mirror the official state dict (convert/vae.py). Images are NHWC
-in [-1, 1]; latents NHWC [N, R / f, R / f, embed_dim] with f = 2 ** (len(ch_mult) - 1).
+Module and parameter names mirror the official state dict (convert/vae_checkpoints.py).
+Images are NHWC in [-1, 1]; latents NHWC [N, R / f, R / f, embed_dim] with
+f = 2 ** (len(ch_mult) - 1).
 """
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from tesserax.errors import TesseraxError
+from tesserax.core import registry
+from tesserax.core.errors import TesseraxError
+from tesserax.nn import attention
+from tesserax.tokenizers import tokenizer
 
 LOGVAR_RANGE = (-30.0, 20.0)
 
@@ -87,6 +91,9 @@ class ResnetBlock(nnx.Module):
 
 
 class AttnBlock(nnx.Module):
+  """LDM AttnBlock: single-head attention over the h * w positions, with 1x1-conv q, k, v and
+  proj_out on a GroupNorm'd input, scale c^-0.5, residual. The "einsum" implementation keeps
+  the numbers of the original einsum computation (see nn/attention.dot_product_attention)."""
 
   def __init__(self, channels, *, rngs, dtype):
     self.norm = _norm(channels, rngs, dtype)
@@ -98,9 +105,9 @@ class AttnBlock(nnx.Module):
   def __call__(self, x):
     n, h, w, c = x.shape
     y = self.norm(x)
-    q, k, v = (f(y).reshape(n, h * w, c) for f in (self.q, self.k, self.v))
-    weights = jax.nn.softmax(jnp.einsum("bqc,bkc->bqk", q, k) * c ** -0.5, axis=-1)
-    return x + self.proj_out(jnp.einsum("bqk,bkc->bqc", weights, v).reshape(n, h, w, c))
+    q, k, v = (f(y).reshape(n, h * w, 1, c) for f in (self.q, self.k, self.v))
+    out = attention.dot_product_attention(q, k, v, implementation="einsum")
+    return x + self.proj_out(out.reshape(n, h, w, c))
 
 
 class Downsample(nnx.Module):
@@ -205,10 +212,12 @@ class Decoder(nnx.Module):
 
 
 class KLAutoencoder(nnx.Module):
-  """The tokenizer interface of DESIGN.md: `encode(images[, key]) -> latents`,
-  `decode(latents) -> images`, `latent_shape`, `is_discrete = False`."""
+  """A continuous tokenizer (the interface of tokenizers/tokenizer.py): float32 latents of
+  `latent_shape` [R / f, R / f, embed_dim]."""
 
   is_discrete = False
+  codebook_size = 0
+  latent_dtype = np.float32
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     c = config
@@ -228,14 +237,16 @@ class KLAutoencoder(nnx.Module):
 
   def posterior(self, images):
     """(mean, logvar) of the diagonal Gaussian posterior, logvar clamped to [-30, 20]."""
-    check_images(images, self.resolution, self.channels)
+    tokenizer.check_images(images, self.resolution, self.channels)
     moments = self.quant_conv(self.encoder(images))
     mean, logvar = jnp.split(moments, 2, axis=-1)
     return mean, jnp.clip(logvar, *LOGVAR_RANGE)
 
-  def encode(self, images, key=None):
-    """Latents: the posterior mean, or a sample mean + std * eps with `key`."""
-    return sample(*self.posterior(images), key)
+  def encode(self, images, keys=None):
+    """Latents: the posterior mean, or with per-example PRNG keys [B] a posterior sample
+    mean + std * normal(keys[i]) of each example."""
+    mean, logvar = self.posterior(images)
+    return mean if keys is None else jax.vmap(sample)(mean, logvar, keys)
 
   def decode(self, latents):
     if tuple(latents.shape[1:]) != self.latent_shape:
@@ -256,25 +267,8 @@ def sample(mean, logvar, key=None):
   return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
 
 
-def check_images(images, resolution, channels=3):
-  """Refuses images that are not [N, resolution, resolution, channels], or, where the values are
-  concrete, outside [-1, 1] (uint8 or [0, 1] images passed by mistake)."""
-  if images.ndim != 4 or tuple(images.shape[1:]) != (resolution, resolution, channels):
-    raise TesseraxError(f"images of shape {tuple(images.shape)}; this tokenizer takes "
-                        f"[N, {resolution}, {resolution}, {channels}]")
-  if not isinstance(images, jax.core.Tracer):
-    values = np.asarray(images)  # concrete: checked on the host, outside any trace
-    lo, hi = float(values.min()), float(values.max())
-    if lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
-      raise TesseraxError(f"image values in [{lo:.3g}, {hi:.3g}]; tokenizers take floats in "
-                          "[-1, 1] (x / 127.5 - 1 for uint8)")
-
-
 def build(config, seed=0) -> KLAutoencoder:
   return KLAutoencoder(config, rngs=nnx.Rngs(seed))
 
 
-def param_count(config) -> int:
-  """Parameters of the model `config` builds, from shapes only."""
-  state = nnx.state(nnx.eval_shape(lambda: build(config)), nnx.Param)
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
+registry.TOKENIZERS.register("kl_autoencoder", KLAutoencoder)

@@ -1,14 +1,14 @@
 """Tokenizer reconstructions of an evaluation set (`tesserax reconstruct` / `eval-recon`).
 
-The protocol of LightningDiT evaluate_tokenizer.py (reference/tokenizers.md §3.6): images
-resized (short side) and center-cropped to 256 with torchvision's Resize + CenterCrop
-(data/preprocess.py:resize_center_crop), mapped to [-1, 1], encoded to the posterior mean
-and decoded; the reconstructions are clipped to [-1, 1] and quantised as PNGs are
-(data/preprocess.py:to_uint8). Everything streams in batches, so a 50k-image ImageNet val
-folder never sits in memory.
+The protocol of LightningDiT evaluate_tokenizer.py: images resized (short side) and
+center-cropped to 256 with torchvision's Resize + CenterCrop
+(data/preprocess.py:resize_center_crop), mapped to [-1, 1], encoded deterministically (a KL
+posterior's mean) and decoded; the reconstructions are clipped to [-1, 1] and quantised as PNGs
+are (data/preprocess.py:to_uint8). Everything streams in batches, so a 50k-image ImageNet val
+folder never sits in memory. Any tokenizer network (tokenizers/tokenizer.py's interface) serves.
 
   eval_set(data, resolution, ...)    uint8 [n, R, R, 3] batches of a folder or a dataset
-  reconstruct(model, images)         jitted encode + decode over the local devices
+  reconstruct(model, images)         jitted encode + decode over a mesh
   pairs(model, batches)              (originals uint8, reconstructions float) batches
   write_pairs(pairs, out_dir)        originals/NNNNN.png, reconstructions/NNNNN.png
 """
@@ -22,13 +22,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
+from tesserax.core import sharding
+from tesserax.core.errors import TesseraxError
 from tesserax.data import pipeline, preprocess
-from tesserax.errors import TesseraxError
-from tesserax.tokenizers import kl_autoencoder
-from tesserax.training import sharding
+from tesserax.tokenizers import tokenizer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Prepared datasets and their held-out split (the default of --split).
@@ -94,13 +93,14 @@ def _reconstruct(graphdef, state, images):
 
 
 def reconstruct(model, images, batch_size=32, mesh=None) -> np.ndarray:
-  """decode(posterior mean of encode(images)) clipped to [-1, 1], float32 [N, R, R, C].
+  """decode(encode(images)) (the deterministic encoding) clipped to [-1, 1] by the tokenizer
+  network `model`, float32 [N, R, R, C].
 
-  Fixed batches (the last padded; batch_size rounded up to a multiple of the devices), each
-  split over the batch axes of `mesh` (a training mesh: every process holds all `images`;
-  default a 1-axis mesh of the local devices) with the model replicated. A grayscale
-  tokenizer (in_channels 1) given 3-channel (tiled) images takes their first channel and its
-  reconstructions are tiled back to 3 channels.
+  Fixed batches (sharding.map_batched: the last padded; batch_size rounded up to a multiple of
+  the batch shards), each split over the batch axes of `mesh` (a training mesh: every process
+  holds all `images`; default a mesh of the local devices) with the model replicated. A
+  grayscale tokenizer (channels 1) given 3-channel (tiled) images takes their first channel
+  and its reconstructions are tiled back to 3 channels.
   """
   images = np.asarray(images, np.float32)
   if not len(images):
@@ -108,21 +108,13 @@ def reconstruct(model, images, batch_size=32, mesh=None) -> np.ndarray:
   gray = model.channels == 1 and images.shape[-1] == 3
   if gray:
     images = images[..., :1]
-  kl_autoencoder.check_images(images, model.resolution, model.channels)
+  tokenizer.check_images(images, model.resolution, model.channels)
   if mesh is None:
     mesh = sharding.local_mesh()
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  batch_size = -(-batch_size // shards) * shards
   graphdef, state = nnx.split(model)
-  state = jax.device_put(state, NamedSharding(mesh, P()))
-  out = []
-  for start in range(0, len(images), batch_size):
-    batch = images[start:start + batch_size]
-    batch = np.concatenate([batch, np.zeros((batch_size - len(batch),) + batch.shape[1:],
-                                            np.float32)])
-    batch = sharding.host_to_global(batch, mesh)
-    out.append(sharding.global_to_host(_reconstruct(graphdef, state, batch)))
-  out = np.concatenate(out)[:len(images)]
+  state = jax.device_put(state, sharding.replicated(mesh))
+  out = sharding.map_batched(lambda x: _reconstruct(graphdef, state, x), (images,), batch_size,
+                             mesh)
   return np.repeat(out, 3, axis=-1) if gray else out
 
 

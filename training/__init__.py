@@ -1,1 +1,1 @@
-"""Mesh and sharding rules, train state, optimizers, EMA, checkpointing, the trainer loop."""
+"""Layer 6: the training loop (loop.py) and the Task interface it drives (task.py)."""

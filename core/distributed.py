@@ -9,7 +9,7 @@ import os
 
 import jax
 
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 
 _AUTO_ENV = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID", "JAX_COORDINATOR_ADDRESS")
 

@@ -1,10 +1,9 @@
-"""Official KL-autoencoder checkpoints -> tesserax tokenizer directories.
+"""Official KL-autoencoder checkpoints -> tesserax tokenizer directories
+(tokenizers/tokenizer.py writes and reads them).
 
   convert_vae(kind, src, out_dir, stats=None, config=None)   an official file -> out_dir
-  save_tokenizer(directory, kind, config, params, stats)      flat params -> a directory
-  load_tokenizer(directory) -> (KLAutoencoder, {"mean", "std"})
 
-Kinds (reference/tokenizers.md §3.5):
+Kinds, each registered in core/registry.py CONVERTERS (`tesserax convert --kind`):
   vavae-f16d32    hustvl vavae-imagenet256-f16d32-dinov2.pt, the LDM state dict (under
                   "state_dict" where the file has one) with training-time entries; the loader
                   of LightningDiT tokenizer/vavae.py drops every key containing "loss" and
@@ -25,23 +24,22 @@ Kinds (reference/tokenizers.md §3.5):
 
 Every key of the source is consumed exactly once; missing or unexpected keys are one error
 listing them, a misshapen key an error naming it (backbones/weights.convert). The directory
-holds `params.npz` (flat "encoder.down.0.block.0.conv1.kernel" keys), `config.json` ({"kind",
-"model"}) and `latent_stats.npz` (mean, std of shape [embed_dim]); latents are normalised as
-(z - mean) / std (DESIGN.md).
+holds the kl_autoencoder family, the latent statistics (mean, std of shape [embed_dim]) and the
+flat "encoder.down.0.block.0.conv1.kernel" parameters.
 """
-import json
 import os
 import pathlib
 import re
 
-import ml_collections
 import numpy as np
 from flax import nnx
 
 from tesserax.backbones import weights
 from tesserax.convert import torch_reader
-from tesserax.errors import TesseraxError
+from tesserax.core import registry
+from tesserax.core.errors import TesseraxError
 from tesserax.tokenizers import kl_autoencoder
+from tesserax.tokenizers import tokenizer
 
 KINDS = {"vavae-f16d32": "vavae_f16d32", "sd-vae-ft-ema": "sd_vae_f8d4",
          "sd-vae-ft-mse": "sd_vae_f8d4"}
@@ -153,7 +151,7 @@ def convert_vae(kind: str, src, out_dir, stats=None, config=None) -> str:
     raise TesseraxError(f"checkpoint file not found: {src}")
   config = config or kl_autoencoder.CONFIGS[KINDS[kind]]()
   out_dir = os.path.abspath(out_dir)
-  if os.path.exists(os.path.join(out_dir, "params.npz")):
+  if os.path.exists(os.path.join(out_dir, tokenizer.PARAMS_FILE)):
     raise TesseraxError(f"{out_dir} already holds a tokenizer; convert into a new directory")
   if kind == "vavae-f16d32":
     stats = stats or pathlib.Path(src).with_name("latents_stats.pt")
@@ -167,39 +165,8 @@ def convert_vae(kind: str, src, out_dir, stats=None, config=None) -> str:
     latent_stats = (read_stats(stats, config.embed_dim) if stats else
                     {"mean": np.zeros(config.embed_dim, np.float32),
                      "std": np.full(config.embed_dim, 1 / SD_SCALING_FACTOR, np.float32)})
-  return save_tokenizer(out_dir, kind, config, params, latent_stats)
+  return tokenizer.save(out_dir, kind, "kl_autoencoder", config, params, latent_stats)
 
 
-def flat_params(model) -> dict:
-  """The flat {"encoder.conv_in.kernel": array} parameters of a KLAutoencoder, on the host."""
-  return {".".join(map(str, path)): np.asarray(x.get_value())
-          for path, x in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
-def save_tokenizer(directory, kind: str, config, params: dict, stats: dict) -> str:
-  """Write a tokenizer directory: `params` flat (see `flat_params`), `stats` {"mean", "std"}
-  of shape [embed_dim]. params.npz is written last: its presence marks a complete directory.
-  Returns the absolute directory."""
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
-  np.savez(os.path.join(directory, "latent_stats.npz"),
-           **{k: np.asarray(stats[k], np.float32) for k in ("mean", "std")})
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump({"kind": kind, "model": config.to_dict()}, f, indent=2)
-  np.savez(os.path.join(directory, "params.npz"), **params)
-  return directory
-
-
-def load_tokenizer(directory):
-  """(KLAutoencoder, {"mean", "std"}) from a directory written by save_tokenizer."""
-  path = pathlib.Path(directory)
-  if not (path / "params.npz").exists() or not (path / "config.json").exists():
-    raise TesseraxError(f"{directory} is not a tokenizer directory (no params.npz/config.json)")
-  config = ml_collections.ConfigDict(
-      json.loads((path / "config.json").read_text())["model"])
-  with np.load(path / "params.npz") as f:
-    params = dict(f)
-  model = weights.with_params(lambda: kl_autoencoder.build(config), params,
-                              source=str(path / "params.npz"))
-  with np.load(path / "latent_stats.npz") as f:
-    return model, {k: f[k] for k in ("mean", "std")}
+for _kind in KINDS:
+  registry.CONVERTERS.register(_kind, registry.Converter(convert_vae))

@@ -3,7 +3,7 @@
   convert(kind, src, out_dir)   an official file -> a workdir that `tesserax sample` reads
   export(workdir, dst)          a workdir's EMA (or raw) params -> the official layout
 
-Kinds (reference/generators.md §1.6, §2.4, §3.1):
+Kinds (the files released by facebookresearch/DiT, willisma/SiT and hustvl/LightningDiT):
   dit-xl-2-256, dit-xl-2-512      DiT-XL-2-{256x256,512x512}.pt, a flat state_dict
   sit-xl-2-256                    SiT-XL-2-256x256.pt, learned sigma (8 output channels)
   lightningdit-xl-1-64ep, -800ep  lightningdit-xl-imagenet256-{64ep,800ep}.pt
@@ -27,14 +27,16 @@ import os
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import tesserax.tasks  # noqa: F401  (registers the diffusion task)
 from tesserax.convert import torch_reader
-from tesserax.errors import TesseraxError
+from tesserax.core import checkpoint, config as config_lib, registry, sharding, train_state
+from tesserax.core.errors import TesseraxError
 from tesserax.generators import dit
-from tesserax.training import checkpoint, config as config_lib, sharding, trainer
+from tesserax.nn import layers
+from tesserax.training import task as task_lib
 
 # kind -> the recipe (configs/) whose config the workdir gets.
 KINDS = {
@@ -111,9 +113,9 @@ def buffers(model_config) -> dict:
   """The official buffers of `model_config`, recomputed as tesserax does: {key: float32}."""
   c = model_config
   grid = c.input_size // c.patch_size
-  out = {"pos_embed": dit.sincos_pos_embed_2d(c.hidden_size, grid)[None].astype(np.float32)}
+  out = {"pos_embed": layers.sincos_pos_embed_2d(c.hidden_size, grid)[None].astype(np.float32)}
   if dit.option(c, "rope"):
-    cos, sin = dit.rope_tables(c.hidden_size // c.num_heads, grid)
+    cos, sin = layers.rope_tables(c.hidden_size // c.num_heads, grid)
     out["feat_rope.freqs_cos"] = cos.astype(np.float32)
     out["feat_rope.freqs_sin"] = sin.astype(np.float32)
   return out
@@ -215,24 +217,23 @@ def kind_config(kind: str, overrides: dict | None = None):
   return config
 
 
-def convert(kind: str, src: str, out_dir: str, overrides: dict | None = None) -> str:
+def convert(kind: str, src: str, out_dir: str, overrides: dict | None = None,
+            stats=None) -> str:
   """Convert the official file `src` of `kind` into a new workdir `out_dir`: config.json (the
   kind's recipe) and checkpoints/0 holding the weights as params and EMA, a fresh optimizer
   state and data position, so `tesserax sample --workdir OUT_DIR` samples from it and
   `--init_from OUT_DIR/checkpoints` fine-tunes it. Returns the absolute out_dir."""
+  if stats is not None:
+    raise TesseraxError(f"--stats is for the VAE kinds, not {kind}")
   config = kind_config(kind, overrides)
   params = params_from_state_dict(load_official(src), config.model, what=f"{src} ({kind})")
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(os.path.join(out_dir, "config.json")) or \
      os.path.exists(os.path.join(out_dir, "checkpoints")):
     raise TesseraxError(f"{out_dir} already holds a workdir; convert into a new directory")
-  setup = trainer.Setup(config, sharding.make_mesh(config.mesh))
-  params = jax.device_put(params, setup.state_shardings["params"])
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "ema": params,
-           "opt": setup.tx.init(params), "rng": jax.random.PRNGKey(config.seed),
-           "nonfinite_step": jnp.full((), -1, jnp.int32)}
-  if jax.tree.structure(state) != jax.tree.structure(setup.abstract_state):
-    raise AssertionError("the trainer's state layout changed; update convert/dit.py")
+  task = task_lib.build(config, sharding.make_mesh(config.mesh))
+  params = jax.device_put(params, task.state_shardings["params"])
+  state = train_state.new_state(params, task.tx, config.seed, ema=params)
   manager = checkpoint.make_manager(os.path.join(out_dir, "checkpoints"), config.checkpoint)
   checkpoint.save(manager, 0, state, {"next_index": 0}, force=True)
   manager.wait_until_finished()
@@ -248,10 +249,14 @@ def export(workdir: str, dst: str, which: str = "ema") -> dict:
   agree with them to float rounding). Returns the state_dict."""
   if which not in ("ema", "params"):
     raise TesseraxError(f"export which={which!r}; choose 'ema' or 'params'")
-  setup, state = trainer.load_workdir(workdir)
-  if setup.config.model.name != "dit":
-    raise TesseraxError(f"{workdir} holds a {setup.config.model.name!r} model, not the DiT family")
+  task, state = task_lib.load_workdir(workdir)
+  if task.config.model.name != "dit":
+    raise TesseraxError(f"{workdir} holds a {task.config.model.name!r} model, not the DiT family")
   params = jax.tree.map(sharding.global_to_host, state[which])
-  state_dict = state_dict_from_params(params, setup.config.model)
+  state_dict = state_dict_from_params(params, task.config.model)
   torch_reader.write(dst, state_dict)
   return state_dict
+
+
+for _kind in KINDS:
+  registry.CONVERTERS.register(_kind, registry.Converter(convert, export))

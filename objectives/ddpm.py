@@ -1,5 +1,5 @@
 """DDPM epsilon prediction with a learned-range variance: DiT's objective (diffusion/
-gaussian_diffusion.py training_losses, from improved-diffusion; reference/generators.md §1.5).
+gaussian_diffusion.py training_losses, from openai/improved-diffusion).
 
 x_k = sqrt(ab_k) x0 + sqrt(1 - ab_k) eps on DiT's 1000 linear betas (sampling/ddpm.py), with k
 uniform in {0, ..., 999}. The network outputs [eps | v] (model.learn_sigma) and takes k / 1000
@@ -16,14 +16,17 @@ The DDPM path is the flow path x_t = (1 - t) x0 + t eps rescaled: x_k = x_t / r 
 r = sqrt((1 - t)^2 + t^2), at the step whose alpha_bar is (1 - t)^2 / r^2 (log-SNR
 2 log((1 - t) / t)). Then x0 = (x_t - t eps) / (1 - t) and v = eps - x0.
 """
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tesserax.generators.objectives.rectified_flow import drop_labels
-from tesserax.sampling import ddpm as diffusion
+from tesserax.core import registry
+from tesserax.objectives.context import Objective
+from tesserax.objectives.rectified_flow import drop_labels
+from tesserax.sampling import ddpm_sampler as diffusion
 
 TABLES = diffusion.diffusion_tables(diffusion.linear_betas())
 _AB = TABLES["alphas_cumprod"]
@@ -32,12 +35,12 @@ LOG_SNR = np.log(_AB) - np.log1p(-_AB)
 FLOW_TIME = np.sqrt(1 - _AB) / (np.sqrt(_AB) + np.sqrt(1 - _AB))
 
 
-def predict(model, x, steps, labels):
+def predict(apply, params, x, steps, labels):
   """The network output [eps | v] at DDPM steps `steps` ([B], integer-valued or not)."""
-  return model(x, steps / diffusion.NUM_TIMESTEPS, labels)
+  return apply(params, x, steps / diffusion.NUM_TIMESTEPS, labels)
 
 
-def velocity(model, x, t, labels):
+def velocity(apply, params, x, t, labels):
   """v = eps - x0 at flow time t from the epsilon prediction at the matching DDPM step.
 
   t is clamped to [t(0), t(999)] ~ [0.0099, 0.9937], the range of the discrete process (a DDPM
@@ -49,7 +52,7 @@ def velocity(model, x, t, labels):
   steps = jnp.interp(log_snr, LOG_SNR[::-1], np.arange(diffusion.NUM_TIMESTEPS)[::-1])
   t = t.reshape((-1,) + (1,) * (x.ndim - 1))
   r = jnp.sqrt(jnp.square(1 - t) + jnp.square(t))
-  eps = predict(model, x / r, steps, labels)[..., :x.shape[-1]]
+  eps = predict(apply, params, x / r, steps, labels)[..., :x.shape[-1]]
   return eps - (x - t * eps) / (1 - t)
 
 
@@ -87,17 +90,16 @@ def vb_terms(x0, x_k, steps, out):
   return jnp.where(steps == 0, nll, kl)
 
 
-def loss(model, batch, key, *, objective, num_classes, class_dropout):
+def loss(apply, params, batch, ctx, *, class_dropout):
   """MSE on epsilon plus the variational bound on the variance; returns (loss, metrics)."""
-  del objective  # DiT's process has no settings to choose
   x0, labels = batch["image"], batch["label"]
-  key_k, key_eps, key_drop = jax.random.split(key, 3)
+  key_k, key_eps, key_drop = jax.random.split(ctx.key, 3)
   steps = jax.random.randint(key_k, (x0.shape[0],), 0, diffusion.NUM_TIMESTEPS)
   eps = jax.random.normal(key_eps, x0.shape, x0.dtype)
   x_k = (diffusion.gather(TABLES, "sqrt_alphas_cumprod", steps, x0.ndim) * x0
          + diffusion.gather(TABLES, "sqrt_one_minus_alphas_cumprod", steps, x0.ndim) * eps)
-  labels = drop_labels(key_drop, labels, class_dropout, num_classes)
-  out = predict(model, x_k, steps, labels)
+  labels = drop_labels(key_drop, labels, class_dropout, ctx.num_classes)
+  out = predict(apply, params, x_k, steps, labels)
   channels = x0.shape[-1]
   eps_pred = out[..., :channels]
   mse = jnp.square(eps - eps_pred).mean(tuple(range(1, x0.ndim)))
@@ -105,3 +107,11 @@ def loss(model, batch, key, *, objective, num_classes, class_dropout):
   vb = vb_terms(x0, x_k, steps, frozen)
   total = jnp.mean(mse + vb)
   return total, {"loss": total, "mse": jnp.mean(mse), "vb": jnp.mean(vb)}
+
+
+@registry.OBJECTIVES.register("ddpm")
+def make(config) -> Objective:
+  """DiT's process has no settings; labels dropped with config.model.class_dropout. The
+  network gives epsilon natively and a velocity for the flow samplers."""
+  return Objective(loss=functools.partial(loss, class_dropout=config.model.class_dropout),
+                   predictions={"epsilon": predict, "velocity": velocity})

@@ -1,12 +1,12 @@
-"""Tokenizer training on the spine's trainer: the autoencoder + GAN step of LDM and VA-VAE.
+"""The autoencoder tokenizer task: the autoencoder + GAN step of LDM and VA-VAE.
 
 Each iteration is the official manual optimisation (LightningDiT vavae/ldm/models/
 autoencoder.py training_step): one autoencoder step, then one discriminator step on the same
-batch and the same (detached) reconstructions, each with its own Adam (reference/tokenizers.md
-§3.3: lr 1e-4, betas (0.5, 0.9); `optim` for the autoencoder and `linear_proj`,
-`disc_optim` for the discriminator).
+batch and the same (detached) reconstructions, each with its own Adam (VA-VAE's
+vavae/configs/f16d32_vfdinov2.yaml: lr 1e-4, betas (0.5, 0.9); `optim` for the autoencoder
+and `linear_proj`, `disc_optim` for the discriminator).
 
-Autoencoder loss (§3.2; LDM ldm/modules/losses/contperceptual.py, LightningDiT vavae/ldm/
+Autoencoder loss (LDM ldm/modules/losses/contperceptual.py, LightningDiT vavae/ldm/
 modules/losses/contperceptual.py):
   nll + kl_weight KL + d_weight disc_factor g_loss + w_vf vf_loss,
   d_weight = disc_weight ||d nll / dW_dec|| / (||d g_loss / dW_dec|| + 1e-4), clamp [0, 1e4],
@@ -24,10 +24,10 @@ VA-VAE), "digits_net" (the digits classifier's last feature map, the offline sta
 (no VF loss, an LDM/SD-VAE-style run). LPIPS (`loss.perceptual_weight` > 0) needs the VGG
 weights (`tesserax weights fetch lpips_vgg`).
 
-The state adds to the trainer's: "disc" and "disc_stats" (discriminator params and BatchNorm
+The state adds to core/train_state.py's: "disc" and "disc_stats" (discriminator params and BatchNorm
 statistics), "disc_opt", and "lecam" (EMAs of the mean real and fake logits). At the end of a
-run the EMA autoencoder is exported to WORKDIR/tokenizer, the directory format of
-convert/vae.py, with per-channel latent statistics of posterior samples of training images.
+run the EMA autoencoder is exported to WORKDIR/tokenizer (tokenizers/tokenizer.py's directory
+format), with per-channel latent statistics of posterior samples of training images.
 """
 import os
 
@@ -37,14 +37,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tesserax.data import pipeline
-from tesserax.data.preprocess import to_model_range
-from tesserax.errors import TesseraxError
+from tesserax.core import optim, registry, sharding, train_state
+from tesserax.core.errors import TesseraxError
+from tesserax.eval.evaluators import eval_images
 from tesserax.tokenizers import kl_autoencoder, losses, reconstruct
-from tesserax.training import optim, sharding, trainer
 
-TOKENIZERS = {"kl_autoencoder": kl_autoencoder.KLAutoencoder}
-FOUNDATIONS = ("dinov2", "digits_net", "")
 GAN_MAX_WEIGHT, VF_MAX_WEIGHT = 1e4, 1e8
 
 
@@ -52,7 +49,7 @@ class Tokenizer(nnx.Module):
   """The trained parameters: the autoencoder, plus VA-VAE's `linear_proj` with a VF loss."""
 
   def __init__(self, config, feature_dim, *, rngs: nnx.Rngs):
-    self.autoencoder = TOKENIZERS[config.model.name](config.model, rngs=rngs)
+    self.autoencoder = registry.TOKENIZERS.get(config.model.name)(config.model, rngs=rngs)
     if feature_dim:
       self.linear_proj = losses.VFProjection(config.model.embed_dim, feature_dim, rngs=rngs)
 
@@ -74,8 +71,9 @@ def _conv_out_kernel(grads, part):
   return grads["autoencoder"][part]["conv_out"]["kernel"]
 
 
-class TokenizerSetup:
-  """trainer.Setup's interface for a tokenizer recipe (`config.model.name` in TOKENIZERS)."""
+@registry.TASKS.register("autoencoder")
+class AutoencoderTask:
+  """The Task (training/task.py) of a KL autoencoder recipe."""
 
   def __init__(self, config, mesh):
     self.config, self.mesh = config, mesh
@@ -92,7 +90,8 @@ class TokenizerSetup:
       frozen["foundation"], self.foundation_features = foundation
       probe = jnp.zeros((1, c.model.resolution, c.model.resolution, c.model.in_channels))
       feature_shape = jax.eval_shape(self.foundation_features, frozen["foundation"], probe).shape
-      model = nnx.eval_shape(lambda: TOKENIZERS[c.model.name](c.model, rngs=nnx.Rngs(0)))
+      model = nnx.eval_shape(
+          lambda: registry.TOKENIZERS.get(c.model.name)(c.model, rngs=nnx.Rngs(0)))
       if tuple(feature_shape[1:3]) != model.latent_shape[:2]:
         raise TesseraxError(f"loss.foundation={loss.foundation} gives a {feature_shape[1]}x"
                             f"{feature_shape[2]} feature map but the latents are "
@@ -109,13 +108,14 @@ class TokenizerSetup:
     self.disc_tx = optim.make_optimizer(c.disc_optim, c.num_steps)
     abstract_state = jax.eval_shape(self._init)
     self.state_shardings = jax.tree.map(lambda _: rep, abstract_state)
-    self.abstract_state = trainer.shard_abstract(abstract_state, self.state_shardings)
+    self.abstract_state = train_state.shard_abstract(abstract_state, self.state_shardings)
     self.init = jax.jit(self._init, out_shardings=self.state_shardings)
     batch_sh = {"image": sharding.batch_sharding(mesh, 4),
                 "label": sharding.batch_sharding(mesh, 1)}
     step = jax.jit(self._train_step, in_shardings=(self.state_shardings, batch_sh, rep),
                    out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
     self.train_step = lambda state, batch: step(state, batch, self.frozen)
+    self.predict = {"reconstruct": self.reconstruct, "encode": self.encode}
 
   def _build(self):
     return Tokenizer(self.config, self.feature_dim, rngs=nnx.Rngs(self.config.seed))
@@ -129,11 +129,9 @@ class TokenizerSetup:
     params = nnx.to_pure_dict(nnx.state(self._build(), nnx.Param))
     _, disc, disc_stats = nnx.split(self._build_disc(), nnx.Param, ...)
     disc, disc_stats = nnx.to_pure_dict(disc), nnx.to_pure_dict(disc_stats)
-    return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "ema": jax.tree.map(jnp.copy, params), "opt": self.tx.init(params),
-            "disc": disc, "disc_stats": disc_stats, "disc_opt": self.disc_tx.init(disc),
-            "lecam": jnp.zeros(2, jnp.float32), "rng": jax.random.PRNGKey(self.config.seed),
-            "nonfinite_step": jnp.full((), -1, jnp.int32)}
+    return train_state.new_state(params, self.tx, self.config.seed, disc=disc,
+                                 disc_stats=disc_stats, disc_opt=self.disc_tx.init(disc),
+                                 lecam=jnp.zeros(2, jnp.float32))
 
   def _disc_logits(self, disc_params, disc_stats, images):
     """D(images) in train mode, and the BatchNorm statistics it leaves."""
@@ -144,7 +142,7 @@ class TokenizerSetup:
   def _train_step(self, state, batch, frozen):
     c, loss_cfg = self.config, self.config.loss
     x = batch["image"]
-    key = jax.random.fold_in(state["rng"], state["step"])
+    key = train_state.step_key(state)
     disc_factor = jnp.where(state["step"] >= loss_cfg.disc_start, loss_cfg.disc_factor, 0.0)
     module = lambda name: nnx.merge(self.frozen_graphdefs[name], frozen[name])
     if "foundation" in frozen:
@@ -202,7 +200,7 @@ class TokenizerSetup:
 
     grad_norm, d_grad_norm = optim.global_norm(grads), optim.global_norm(d_grads)
     finite = jnp.all(jnp.isfinite(jnp.array([ae_loss, d_loss, grad_norm, d_grad_norm])))
-    new_state = trainer.guarded_update(state, {
+    new_state = train_state.guarded_update(state, {
         "params": params, "ema": optim.ema_update(state["ema"], params, c.ema_decay),
         "opt": opt, "disc": disc, "disc_stats": new_stats, "disc_opt": disc_opt,
         "lecam": lecam_ema}, finite)
@@ -214,45 +212,39 @@ class TokenizerSetup:
       metrics["vf_weight"] = weights["vf_loss"]
     return new_state, metrics
 
-  # ------------------------------------------------------------------ evaluation and export
+  # ------------------------------------------------------------------ predictions and export
 
   def reconstruct(self, params, images, batch_size=None):
     """Posterior-mean reconstructions (tokenizers/reconstruct.py) of host images in [-1, 1]
     by the autoencoder at `params`, over the training mesh."""
     model = nnx.merge(self.graphdef, params).autoencoder
-    return reconstruct.reconstruct(model, images, batch_size or self.config.eval.batch_size,
+    return reconstruct.reconstruct(model, images, batch_size or self.config.batch_size,
                                    self.mesh)
 
-  def eval_images(self, split=None, limit=None):
-    """The first `limit` (default eval.num_samples) images of `split` (default eval.split) as
-    float [-1, 1]."""
-    c = self.config
-    split, limit = split or c.eval.split, limit or c.eval.num_samples
-    batches = pipeline.iterate_split(c.data, split, limit=limit)
-    return to_model_range(np.concatenate(list(batches)))
+  def encode(self, params, images, batch_size=None):
+    """Posterior means of host images in [-1, 1], over the training mesh."""
+    model = nnx.merge(self.graphdef, params).autoencoder
+    encode = jax.jit(lambda x: model.encode(x))
+    return sharding.map_batched(encode, (np.asarray(images, np.float32),),
+                                batch_size or self.config.batch_size, self.mesh)
 
-  def make_evaluator(self):
-    from tesserax.training import evaluators
-    return evaluators.make_reconstruction_evaluator(self)
-
-  def save_sample_grid(self, params, path):
+  def sample_grid(self, params):
     """Originals (odd rows) over their reconstructions (even rows), 8 per row."""
-    from tesserax.eval import grid
-    images = self.eval_images(limit=32)
+    images = eval_images(self.config.data, self.config.data.split, 32)
     rec = self.reconstruct(params, images)
     rows = np.stack([images.reshape(-1, 8, *images.shape[1:]),
                      rec.reshape(-1, 8, *rec.shape[1:])], 1).reshape(-1, *images.shape[1:])
-    if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      grid.save_grid(path, rows, nrow=8, upscale=max(1, 64 // self.config.data.resolution))
+    return rows, 8, max(1, 64 // self.config.data.resolution)
 
   def export(self, state, workdir, log=print):
     """WORKDIR/tokenizer: the EMA autoencoder and per-channel statistics of posterior samples
-    of eval.num_samples training images (convert/vae.py's directory format)."""
-    from tesserax.convert import vae
+    of the first export.num_images training images (batches of 256, batch i drawing its
+    noise from PRNGKey(i))."""
+    from tesserax.tokenizers import tokenizer
     model = nnx.merge(self.graphdef, state["ema"]).autoencoder
-    images = self.eval_images(self.config.data.split)
-    encode = jax.jit(lambda x, key: model.encode(x, key))
+    images = eval_images(self.config.data, self.config.data.split,
+                         self.config.export.num_images)
+    encode = jax.jit(lambda x, key: kl_autoencoder.sample(*model.posterior(x), key))
     latents = np.concatenate([
         np.asarray(encode(images[i:i + 256], jax.random.PRNGKey(i)))
         for i in range(0, len(images), 256)]).astype(np.float64)
@@ -260,6 +252,6 @@ class TokenizerSetup:
              "std": latents.std((0, 1, 2)).astype(np.float32)}
     if jax.process_index() == 0:
       directory = os.path.join(workdir, "tokenizer")
-      vae.save_tokenizer(directory, self.config.model.name, self.config.model,
-                         vae.flat_params(model), stats)
+      tokenizer.save(directory, self.config.model.name, self.config.model.name,
+                     self.config.model, tokenizer.flat_params(model), stats)
       log(f"exported the EMA tokenizer to {directory}")

@@ -12,10 +12,13 @@ import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 
-from tesserax.errors import TesseraxError
-from tesserax.training import evaluators, trainer
+import tesserax.tasks  # noqa: F401  (registers the built-in tasks)
+from tesserax.core.errors import TesseraxError
+from tesserax.eval import evaluators
+from tesserax.training import loop
 
 SOLVERS = ("euler", "heun")
 
@@ -28,8 +31,8 @@ def solver_steps(solver: str, nfe: int):
 
 
 def run(config, workdir: str) -> dict:
-  setup, state = trainer.train(config, workdir)
-  return evaluate(setup, state["ema"], workdir)
+  task, state = loop.train(config, workdir)
+  return evaluate(task, state["ema"], workdir)
 
 
 def run_latent(tokenizer_config, generator_config, workdir: str) -> dict:
@@ -43,52 +46,61 @@ def run_latent(tokenizer_config, generator_config, workdir: str) -> dict:
   WORKDIR/generator      the latent DiT's workdir, evaluated as `run` does (samples decoded).
   Each stage resumes or is skipped when its output exists.
   """
-  from tesserax.data import latents
-  from tesserax.training import evaluators
+  from tesserax.tokenizers import cache_encoder
   tokenizer_workdir = os.path.join(workdir, "tokenizer_run")
-  setup, state = trainer.train(tokenizer_config, tokenizer_workdir)
-  recon = evaluators.make_reconstruction_evaluator(setup, always=True)(setup, state["ema"])
-  recon = {k.split("/")[-1]: v for k, v in recon.items()}
-  setup.save_sample_grid(state["ema"], os.path.join(tokenizer_workdir, "reconstructions.png"))
+  task, state = loop.train(tokenizer_config, tokenizer_workdir)
+  recon = evaluators.build("recon", tokenizer_config, task.predict).evaluate(state["ema"])
+  loop.save_sample_grid(task, state["ema"], os.path.join(tokenizer_workdir,
+                                                         "reconstructions.png"))
   if jax.process_index() == 0:
     with open(os.path.join(tokenizer_workdir, "recon_metrics.json"), "w") as f:
       json.dump(recon, f, indent=2)
   print(f"tokenizer: test-split reconstructions PSNR {recon['psnr']:.2f} dB, FID-digits "
         f"{recon['fid']:.3f}")
   cache = os.path.join(workdir, "cache")
-  latents.encode(os.path.join(tokenizer_workdir, "tokenizer"), tokenizer_config.data, cache)
+  cache_encoder.encode(os.path.join(tokenizer_workdir, "tokenizer"), tokenizer_config.data,
+                       cache)
   generator_config.data.data_dir = cache
   results = run(generator_config, os.path.join(workdir, "generator"))
   return {"tokenizer": recon, "generator": results}
 
 
-def evaluate(setup, params, workdir: str) -> dict:
+def sweep_settings(solver: str, steps: int, cfg_scale: float) -> ml_collections.ConfigDict:
+  """Sample settings of one sweep entry: the solver on the plain grid, guided everywhere."""
+  return ml_collections.ConfigDict(dict(
+      solver=solver, num_steps=steps, shift=1.0, cfg_scale=cfg_scale, interval=(0.0, 1.0),
+      guided_channels=None, final_correction=True))
+
+
+def evaluate(task, params, workdir: str) -> dict:
   from tesserax.data import pipeline
   from tesserax.eval.grid import save_grid
-  c = setup.config
+  c = task.config
+  digits = c.evals.digits
   image_data = pipeline.image_config(c.data)
   score = evaluators.digits_scorer(image_data.resolution)
   train_images, train_labels = pipeline.load_split(image_data, "train")
   results = {"floor": score(train_images, train_labels),
-             "num_samples": c.eval.num_samples, "cfg_scale": c.eval.cfg_scale,
+             "num_samples": digits.num_samples, "cfg_scale": c.demo.cfg_scale,
              "step": _last_logged_step(workdir)}
-  labels = np.arange(c.eval.num_samples, dtype=np.int32) % c.model.num_classes
+  labels = np.arange(digits.num_samples, dtype=np.int32) % c.model.num_classes
   key = jax.random.PRNGKey(c.seed + 1)
   grid_images = None
   for solver in SOLVERS:
     results[solver] = {}
-    for nfe in c.eval.nfe:
+    for nfe in c.demo.nfe:
       steps = solver_steps(solver, nfe)
       if steps is None:
         continue
-      images = trainer.generate(setup, params, labels, key, solver, steps,
-                                cfg_scale=c.eval.cfg_scale, batch_size=c.eval.batch_size)
+      images = task.predict["generate"](params, labels, key,
+                                        sweep_settings(solver, steps, c.demo.cfg_scale),
+                                        batch_size=digits.batch_size)
       results[solver][str(nfe)] = score(images, labels)
       _print_row(solver, nfe, results[solver][str(nfe)])
-      if solver == "euler" and nfe == max(c.eval.nfe):
+      if solver == "euler" and nfe == max(c.demo.nfe):
         grid_images = images
   if jax.process_index() == 0:
-    per_class = min(10, c.eval.num_samples // c.model.num_classes)
+    per_class = min(10, digits.num_samples // c.model.num_classes)
     order = np.concatenate([np.flatnonzero(labels == k)[:per_class]
                             for k in range(c.model.num_classes)])
     save_grid(os.path.join(workdir, "samples_grid.png"), grid_images[order], nrow=per_class,

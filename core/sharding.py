@@ -1,6 +1,6 @@
 """Device mesh ("data", "fsdp", "tensor") and logical-axis sharding rules.
 
-Parameters carry logical axis names (generators/dit.py); `param_shardings` maps them onto the
+Parameters carry logical axis names (nn/ layers); `param_shardings` maps them onto the
 mesh with `RULES`, the MaxText/maxdiffusion way. The batch is split over ("data", "fsdp"), so
 with `mesh.fsdp = 1` the run is pure data parallel and with `mesh.fsdp = -1` (all devices) it is
 FSDP: the same batch split, with every `embed` dimension of the parameters, optimizer state and
@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -47,7 +47,8 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
-  """A mesh over all (global) devices with Auto axis types (reference/infra.md §3.3)."""
+  """A mesh over all (global) devices with Auto axis types (jax.sharding.AxisType.Auto: the
+  compiler propagates shardings, as jax.jit's sharding-in-types guide describes)."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_config, len(devices))
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
@@ -126,3 +127,42 @@ def sharded_normal(key, shape, mesh: Mesh) -> jax.Array:
   mesh, with jax_threefry_partitionable)."""
   return jax.jit(lambda k: jax.random.normal(k, shape),
                  out_shardings=batch_sharding(mesh, len(shape)))(key)
+
+
+def batch_shards(mesh: Mesh | None) -> int:
+  """How many ways a batch is split over `mesh` (1 without a mesh)."""
+  return 1 if mesh is None else mesh.shape[BATCH_AXES[0]] * mesh.shape[BATCH_AXES[1]]
+
+
+def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+  """x with its leading dimension padded to `size` rows by repeating its last row."""
+  x = np.asarray(x)
+  return np.concatenate([x, np.repeat(x[-1:], size - len(x), 0)]) if len(x) < size else x
+
+
+def map_batched(fn, arrays, batch_size: int, mesh: Mesh | None, *, fixed_shape: bool = True,
+                with_index: bool = False):
+  """fn over host `arrays` (a tuple, equal leading sizes) in batches, on the host again.
+
+  The one "pad the batch to the mesh, run, unpad" helper. Batches hold `batch_size` rows
+  rounded up to a multiple of the mesh's batch shards; a short last batch is padded by
+  repeating its last row, to the full batch (`fixed_shape`, one compiled shape) or to the next
+  multiple of the shards (its own shape: a sampler whose noise is drawn at the batch's shape).
+  Each batch is split along ("data", "fsdp") of `mesh` (every process holds all of `arrays`)
+  or, with mesh None, passed as host arrays. `fn(*batch)`, or `fn(index, *batch)` with
+  `with_index`, returns an array or a tuple of arrays, gathered, unpadded and concatenated.
+  """
+  shards = batch_shards(mesh)
+  batch_size = -(-batch_size // shards) * shards
+  total = len(arrays[0])
+  outputs = []
+  for index, start in enumerate(range(0, total, batch_size)):
+    rows = min(batch_size, total - start)
+    size = batch_size if fixed_shape else -(-rows // shards) * shards
+    batch = [pad_rows(x[start:start + rows], size) for x in arrays]
+    if mesh is not None:
+      batch = [host_to_global(x, mesh) for x in batch]
+    out = fn(index, *batch) if with_index else fn(*batch)
+    to_host = global_to_host if mesh is not None else np.asarray
+    outputs.append(jax.tree.map(lambda y: to_host(y)[:rows], out))
+  return jax.tree.map(lambda *ys: np.concatenate(ys), *outputs)

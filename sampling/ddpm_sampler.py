@@ -1,23 +1,27 @@
 """DDPM ancestral and DDIM sampling with timestep respacing, as in DiT's diffusion/
-(gaussian_diffusion.py and respace.py, from openai/improved-diffusion).
+(gaussian_diffusion.py and respace.py, from openai/improved-diffusion); registered as the
+samplers `ddpm` and `ddim`, which consume the `epsilon` prediction.
 
 The base process is DiT's: 1000 linear betas from 1e-4 to 0.02, tables in float64 and gathered
 as float32 (`_extract_into_tensor`). Respacing keeps a subset of the steps and re-derives the
 betas so that alpha_bar is unchanged there, beta'_i = 1 - alpha_bar[s_i] / alpha_bar[s_{i-1}]; the
 network still sees the original step s_i (`_WrappedModel`). DiT samples FID images with 250
-respaced steps, clip_denoised=False and cfg 1.5 on 3 channels (reference/generators.md §1.4-1.5).
+respaced steps, clip_denoised=False and cfg 1.5 on 3 channels (DiT sample.py, sample_ddp.py).
 
 Network-free: a sampler sees `apply_fn(params, x, steps, labels) -> [eps | v]`, the output of a
 learned-range-variance (LEARNED_RANGE) epsilon model at base-process steps `steps` ([B] float).
 """
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tesserax.errors import TesseraxError
+from tesserax.core import registry
+from tesserax.core.errors import TesseraxError
 from tesserax.sampling.guidance import guided_velocity
+from tesserax.sampling.sample import Sampler
 
 NUM_TIMESTEPS = 1000
 METHODS = ("ddpm", "ddim")
@@ -159,3 +163,14 @@ def make_ddpm_sampler(apply_fn, *, method: str = "ddpm", num_steps: int = 250,
     return jax.lax.fori_loop(0, len(steps), step, noise)
 
   return jax.jit(sample)
+
+
+def _make(method, predict, settings, *, null_label, mesh):
+  del mesh  # the jitted sampler follows the sharding of its inputs
+  return make_ddpm_sampler(predict, method=method, num_steps=settings.num_steps,
+                           cfg_scale=settings.cfg_scale,
+                           guided_channels=settings.guided_channels, null_label=null_label)
+
+
+for _method in METHODS:
+  registry.SAMPLERS.register(_method, Sampler("epsilon", functools.partial(_make, _method)))

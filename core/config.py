@@ -1,30 +1,34 @@
 """Configs: loading a recipe file, command-line overrides and the workdir's config.json.
 
 A recipe is a Python file with `get_config(arg=None)` returning an ml_collections.ConfigDict
-(configs/*.py). `--config.a.b=VALUE` overrides an existing key; VALUE is parsed as a Python
+(configs/*.py). `config.task` names the task (training/task.py) that trains it;
+`config.evals.NAME = {type, every_steps, ...}` its periodic evaluators (eval/evaluators.py).
+`--config.a.b=VALUE` overrides an existing key; VALUE is parsed as a Python
 literal when it is one (numbers, booleans, tuples), else taken as a string. An unknown key or a
 value of the wrong type is refused with a one-line error.
 """
 import ast
+import copy
 import importlib.util
 import json
 import os
 
 import ml_collections
 
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 # Keys that may change when a run resumes in the same workdir: they change how long it runs,
 # what it logs and where its data lives, not what it computes.
-RESUMABLE_KEYS = ("num_steps", "log_every_steps", "checkpoint", "sample", "eval", "mesh",
-                  "data.data_dir", "data.manual_dir")
+RESUMABLE_KEYS = ("num_steps", "log_every_steps", "checkpoint", "sample", "evals", "demo",
+                  "export", "mesh", "data.data_dir", "data.manual_dir")
 
 
 def base_config() -> ml_collections.ConfigDict:
   """Trainer defaults shared by every recipe; recipes override what they need."""
   return ml_collections.ConfigDict(dict(
+      task="diffusion",
       seed=0,
       num_steps=1000,
       batch_size=256,
@@ -35,16 +39,14 @@ def base_config() -> ml_collections.ConfigDict:
                  schedule="constant", end_lr_factor=0.0, grad_clip=0.0),
       checkpoint=dict(every_steps=500, keep=3, keep_every=0, use_async=True),
       # The sampler of sample grids and periodic evaluation (a recipe's published setting):
-      # solver euler/heun (flow) or ddpm/ddim (DDPM models), guidance only for t in
-      # `interval`, on the first `guided_channels` channels (None: all; 3 is the official
-      # DiT/LightningDiT quirk behind their published FIDs).
+      # `solver` a registered sampler (euler, heun: flow; ddpm, ddim: DDPM models), guidance
+      # only for t in `interval`, on the first `guided_channels` channels (None: all; 3 is the
+      # official DiT/LightningDiT quirk behind their published FIDs).
       sample=dict(every_steps=0, num_per_class=8, solver="euler", num_steps=32, shift=1.0,
-                  cfg_scale=1.0, interval=(0.0, 1.0), guided_channels=None),
-      # Periodic evaluation (training/evaluators.py) of eval.num_samples EMA samples drawn
-      # with the sample.* settings: kind "digits" (FID-digits, accuracy) or "inception"
-      # (eval.metrics of fid, sfid, is, pr against the ADM reference batch eval.ref).
-      eval=dict(every_steps=0, kind="digits", ref="", metrics=("fid",), num_samples=1000,
-                batch_size=500),
+                  cfg_scale=1.0, interval=(0.0, 1.0), guided_channels=None,
+                  final_correction=True),
+      # Periodic evaluators, NAME: {type, every_steps, ...} (eval/evaluators.py).
+      evals=dict(),
   ))
 
 
@@ -65,6 +67,35 @@ def load(spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
+
+
+def upgrade(saved: dict) -> dict:
+  """A config.json written before `task` and `evals` existed, in today's layout: the task from
+  the model, the single `eval` section as one evaluator (its `kind` becoming the type, the
+  demo's `nfe` and `cfg_scale` moving to `demo`), missing sample defaults filled in."""
+  config = copy.deepcopy(saved)
+  if "task" not in config:
+    tokenizer = config["model"]["name"] == "kl_autoencoder"
+    config["task"] = "autoencoder" if tokenizer else "diffusion"
+    old = config.pop("eval", None)
+    if old is not None:
+      kind = old.pop("kind", "digits")
+      demo = {k: old.pop(k) for k in ("nfe", "cfg_scale") if k in old}
+      if demo:
+        config["demo"] = demo
+      kind_type = {"digits": "recon_digits", "inception": "recon"}[kind] if tokenizer else kind
+      config["evals"] = {kind: dict(type=kind_type, **old)}
+      if tokenizer:
+        config["export"] = {"num_images": old["num_samples"]}
+  sample = base_config().sample.to_dict()
+  config["sample"] = dict(sample, **config.get("sample", {}))
+  return config
+
+
+def from_json(path: str) -> ml_collections.ConfigDict:
+  """The (upgraded) config of a workdir's config.json."""
+  with open(path) as f:
+    return ml_collections.ConfigDict(upgrade(json.load(f)))
 
 
 def _parse_value(text: str):
@@ -122,7 +153,7 @@ def check_or_write_workdir_config(config: ml_collections.ConfigDict, workdir: st
   current = json.loads(config.to_json())
   if os.path.exists(path):
     with open(path) as f:
-      saved = json.load(f)
+      saved = upgrade(json.load(f))
     a, b = _flatten(saved), _flatten(current)
     diffs = [k for k in sorted(set(a) | set(b)) if not _resumable(k) and a.get(k) != b.get(k)]
     if diffs:

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 
 
 def make_manager(directory: str, checkpoint_config, read_only: bool = False):

@@ -2,7 +2,7 @@
 
 AdamW with linear warm-up into a constant or cosine schedule and optional global-norm clipping.
 DiT: lr 1e-4 constant, betas (0.9, 0.999), no weight decay, EMA 0.9999 initialised as a copy of
-the parameters (reference/generators.md §1.5). LightningDiT: lr 2e-4, betas (0.9, 0.95) (§2.2).
+the parameters (DiT train.py). LightningDiT: lr 2e-4, betas (0.9, 0.95) (its configs/*.yaml).
 """
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,6 @@
 """FID-digits and class accuracy of conditional samples, in the digits network's features.
 
-reference/fewstep.md §10.7: "FID" in the penultimate-layer features of a small classifier,
+"FID" in the penultimate-layer features of a small classifier (backbones/digits_net.py),
 plus the fraction of samples classified as the label they were generated for.
 """
 import jax
@@ -8,7 +8,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from tesserax.backbones.digits_net import DigitsNet, digits_images
-from tesserax.errors import TesseraxError
+from tesserax.core.errors import TesseraxError
 from tesserax.eval.frechet import frechet_distance
 from tesserax.eval.stats import FeatureStats, all_processes
 

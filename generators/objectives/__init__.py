@@ -1,1 +1,0 @@
-"""Training objectives: each turns a network into a loss and into a velocity for samplers."""

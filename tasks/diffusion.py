@@ -1,0 +1,127 @@
+"""The diffusion generator task: a network of config.model.name trained with the objective
+config.objective.name, sampled by any registered sampler that consumes one of its predictions.
+
+Covers DiT, SiT and LightningDiT over pixels or a latent cache with rectified flow or DDPM
+(training/task.py has the interface). Its train state is core/train_state.py's; the network's
+non-trainable buffers (pos_embed, RoPE tables) are recomputed from the config, never
+checkpointed. A model trained on a latent cache (data.name "latents" with data.data_dir) has
+its samples decoded by the cache's tokenizer; one without a cache (a converted checkpoint)
+generates normalised latents.
+"""
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from tesserax.core import optim, registry, sharding, train_state
+from tesserax.objectives.context import Context
+from tesserax.sampling import sample as sample_lib
+
+
+def build_network(model_config, seed: int = 0):
+  return registry.NETWORKS.get(model_config.name)(model_config, rngs=nnx.Rngs(seed))
+
+
+@functools.lru_cache(maxsize=2)
+def _cache_decoder(cache_dir):
+  from tesserax.tokenizers import cache_encoder
+  return cache_encoder.load_decoder(cache_dir)
+
+
+@registry.TASKS.register("diffusion")
+class DiffusionTask:
+  """Everything derived from (config, mesh) once: graph, shardings, optimizer, jitted fns."""
+
+  def __init__(self, config, mesh):
+    self.config, self.mesh = config, mesh
+    abstract_model = nnx.eval_shape(lambda: build_network(config.model, config.seed))
+    self.graphdef, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
+    self.tx = optim.make_optimizer(config.optim, config.num_steps)
+    self.objective = registry.OBJECTIVES.get(config.objective.name)(config)
+    names = sharding.logical_names(abstract_params)
+    param_sh = sharding.param_shardings(nnx.to_pure_dict(abstract_params), names, mesh)
+    abstract_state = jax.eval_shape(self._init)
+    self.state_shardings = train_state.state_shardings(abstract_state, param_sh, self.tx, mesh)
+    self.abstract_state = train_state.shard_abstract(abstract_state, self.state_shardings)
+    rep = sharding.replicated(mesh)
+    self.buffers = jax.device_put(nnx.to_pure_dict(nnx.state(
+        build_network(config.model, config.seed), nnx.Not(nnx.Param))), rep)
+    self.init = jax.jit(self._init, out_shardings=self.state_shardings)
+    image_shape = (config.data.resolution, config.data.resolution, config.model.in_channels)
+    batch_sh = {"image": sharding.batch_sharding(mesh, 1 + len(image_shape)),
+                "label": sharding.batch_sharding(mesh, 1)}
+    self.train_step = jax.jit(
+        self._train_step, in_shardings=(self.state_shardings, batch_sh),
+        out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+    self.predict = {"generate": self.generate}
+
+  def apply(self, params, x, t, labels, *, train=False, s=None):
+    """The network at `params` (the `apply` objectives and samplers see)."""
+    model = nnx.merge(self.graphdef, params, self.buffers)
+    return model(x, t, labels) if s is None and not train else model(x, t, labels, train, s=s)
+
+  def predictions(self):
+    """{kind: predict(params, x, time, labels)} of the objective, for the samplers."""
+    return {kind: functools.partial(fn, self.apply)
+            for kind, fn in self.objective.predictions.items()}
+
+  def _init(self):
+    model = build_network(self.config.model, self.config.seed)
+    return train_state.new_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)), self.tx,
+                                 self.config.seed)
+
+  def _train_step(self, state, batch):
+    c = self.config
+    ctx = Context(step=state["step"], key=train_state.step_key(state),
+                  num_classes=c.model.num_classes, ema=state["ema"])
+    (loss, metrics), grads = jax.value_and_grad(
+        lambda p: self.objective.loss(self.apply, p, batch, ctx), has_aux=True)(state["params"])
+    grad_norm = optim.global_norm(grads)
+    updates, opt = self.tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    ema = optim.ema_update(state["ema"], params, c.ema_decay)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = train_state.guarded_update(state, {"params": params, "ema": ema, "opt": opt},
+                                           finite)
+    metrics = dict(metrics, grad_norm=grad_norm,
+                   lr=optim.learning_rate_schedule(c.optim, c.num_steps)(state["step"]))
+    return new_state, metrics
+
+  def generate(self, params, labels, key, settings=None, batch_size=None, decode=True):
+    """Samples for `labels` (host int32) as host float32 NHWC; `settings` (default
+    config.sample) choose the sampler (sampling/sample.py). Batches of `batch_size` (default
+    all) are split over the mesh; batch i starts from normal noise of fold_in(key, i) and
+    draws any sampler noise from fold_in(fold_in(key, i), 1). A model trained on a latent
+    cache returns images decoded by the cache's tokenizer unless `decode` is False; otherwise
+    its normalised latents."""
+    c = self.config
+    settings = settings or c.sample
+    sample = sample_lib.build(settings, self.predictions(), null_label=c.model.num_classes,
+                              mesh=self.mesh)
+    shape = (c.data.resolution, c.data.resolution, c.model.in_channels)
+
+    def run(i, labels):
+      noise = sharding.sharded_normal(jax.random.fold_in(key, i), labels.shape + shape,
+                                      self.mesh)
+      return sample(params, noise, labels, jax.random.fold_in(jax.random.fold_in(key, i), 1))
+
+    samples = sharding.map_batched(run, (np.asarray(labels, np.int32),),
+                                   batch_size or len(labels), self.mesh, fixed_shape=False,
+                                   with_index=True)
+    if decode and c.data.name == "latents" and c.data.data_dir:
+      return _cache_decoder(os.path.abspath(c.data.data_dir))(samples)
+    return samples
+
+  def sample_grid(self, params):
+    """EMA samples with the config's sample settings, one row per class."""
+    c = self.config
+    per_class = c.sample.num_per_class
+    labels = np.repeat(np.arange(c.model.num_classes, dtype=np.int32), per_class)
+    return self.generate(params, labels, jax.random.PRNGKey(c.seed)), per_class, 1
+
+  def export(self, state, workdir, log=print):
+    del state, workdir, log  # a generator's checkpoints are its export

@@ -1,0 +1,63 @@
+"""The Task interface: all the training loop knows of a recipe (DESIGN.md, "Interfaces").
+
+A task is built from `(config, mesh)` by the constructor registered under `config.task` in
+core/registry.py TASKS (tasks/ holds the built-in ones). It gives:
+
+  abstract_state      ShapeDtypeStructs of its train state (core/train_state.py) carrying the
+                      state's shardings (what checkpoints restore into)
+  init()              the initial state, built directly in those shardings
+  train_step(state, batch) -> (state, metrics)
+                      jitted, the state donated; `batch` is {"image", "label"} of config.data,
+                      global arrays split along the batch
+  predict             {name: function} for evaluators and commands, e.g.
+                        generate(params, labels, key, settings=None, batch_size=None) -> images
+                        reconstruct(params, images) -> images
+                        encode(params, images) -> latents or token ids
+                      (host arrays in, host float32 NHWC images in [-1, 1] out)
+  sample_grid(params) -> (images, nrow, upscale): the PNG grid of `sample.every_steps`
+  export(state, workdir, log)
+                      what a finished run leaves beside its checkpoints (a tokenizer
+                      directory); nothing for most tasks
+"""
+import os
+from typing import Callable, Mapping, Protocol
+
+from tesserax.core import checkpoint, config as config_lib, registry, sharding
+from tesserax.core.errors import TesseraxError
+
+
+class Task(Protocol):
+  config: object
+  mesh: object
+  abstract_state: object
+  predict: Mapping[str, Callable]
+
+  def init(self): ...
+
+  def train_step(self, state, batch): ...
+
+  def sample_grid(self, params): ...
+
+  def export(self, state, workdir: str, log) -> None: ...
+
+
+def build(config, mesh) -> Task:
+  """The task `config.task` for `config` over `mesh`."""
+  return registry.TASKS.get(config.task)(config, mesh)
+
+
+def load_workdir(workdir: str):
+  """(task, state) of the latest checkpoint of a training workdir, on all devices."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise TesseraxError(f"not a training workdir (no config.json): {workdir}")
+  config = config_lib.from_json(path)
+  task = build(config, sharding.make_mesh(config.mesh))
+  manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), config.checkpoint,
+                                    read_only=True)
+  step = manager.latest_step()
+  if step is None:
+    raise TesseraxError(f"workdir has no checkpoint yet: {workdir}/checkpoints")
+  state, _ = checkpoint.restore(manager, step, task.abstract_state)
+  manager.close()
+  return task, state
