@@ -292,10 +292,7 @@ def _sample_settings(config, args, overrides):
   from tesserax.core import config as config_lib
   settings = config.sample.copy_and_resolve_references()
   settings.update(SAMPLE_DEFAULTS)
-  try:
-    config_lib.apply_overrides(settings, overrides)
-  except TesseraxError as e:
-    raise TesseraxError(str(e).replace("--config.", "--sample.")) from None
+  config_lib.apply_overrides(settings, overrides, flag="sample")
   flags = {"solver": args.sampler, "num_steps": args.steps, "shift": args.shift,
            "cfg_scale": args.cfg, "guided_channels": args.guided_channels,
            "interval": None if args.interval is None else tuple(args.interval)}

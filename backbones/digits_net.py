@@ -18,9 +18,10 @@ import optax
 from flax import nnx
 from flax import traverse_util
 
+from tesserax.core.errors import TesseraxError
+from tesserax.core.sharding import map_batched
 from tesserax.data.digits import NUM_CLASSES, digits_arrays
 from tesserax.data.preprocess import resize_uint8, to_model_range
-from tesserax.core.errors import TesseraxError
 
 VERSION = 1  # bump when the architecture or the training recipe changes
 FEATURES = 128
@@ -106,12 +107,9 @@ def _batched(fn, width, state, resolution, images):
   if images.ndim != 4 or images.shape[1:] != (resolution, resolution, 1):
     raise TesseraxError(
         f"digits net expects images [N, {resolution}, {resolution}, 1], got {images.shape}")
-  outputs = []
-  for start in range(0, len(images), EVAL_BATCH):
-    chunk = images[start:start + EVAL_BATCH]
-    padded = np.pad(chunk, ((0, EVAL_BATCH - len(chunk)), (0, 0), (0, 0), (0, 0)))
-    outputs.append(np.asarray(fn(state, padded))[:len(chunk)])
-  return np.concatenate(outputs) if outputs else np.zeros((0, width), np.float32)
+  if not len(images):
+    return np.zeros((0, width), np.float32)
+  return map_batched(functools.partial(fn, state), (images,), EVAL_BATCH, None)
 
 
 def load_classifier(resolution: int, cache_dir=None) -> Classifier:

@@ -105,18 +105,20 @@ def _parse_value(text: str):
     return text
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
-  """Apply {"a.b": "VALUE"} overrides in place."""
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict,
+                    flag: str = "config") -> None:
+  """Apply {"a.b": "VALUE"} overrides (given as --FLAG.a.b=VALUE) in place."""
   for dotted, text in overrides.items():
     *parents, leaf = dotted.split(".")
     node = config
     for i, key in enumerate(parents):
       if key not in node or not isinstance(node[key], ml_collections.ConfigDict):
-        raise TesseraxError(f"unknown config key {'.'.join(parents[:i + 1])!r} in --config.{dotted}")
+        raise TesseraxError(f"unknown {flag} key {'.'.join(parents[:i + 1])!r} in "
+                            f"--{flag}.{dotted}")
       node = node[key]
     if leaf not in node:
-      raise TesseraxError(f"unknown config key {dotted!r}; keys under "
-                          f"{'.'.join(parents) or 'config'}: {', '.join(sorted(node.keys()))}")
+      raise TesseraxError(f"unknown {flag} key {dotted!r}; keys under "
+                          f"{'.'.join([flag] + parents)}: {', '.join(sorted(node.keys()))}")
     value = _parse_value(text)
     old = node[leaf]
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -126,7 +128,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
     try:
       node[leaf] = value
     except TypeError:
-      raise TesseraxError(f"--config.{dotted}={text}: expected a value of type "
+      raise TesseraxError(f"--{flag}.{dotted}={text}: expected a value of type "
                           f"{type(old).__name__}") from None
 
 
@@ -155,7 +157,11 @@ def check_or_write_workdir_config(config: ml_collections.ConfigDict, workdir: st
     with open(path) as f:
       saved = upgrade(json.load(f))
     a, b = _flatten(saved), _flatten(current)
-    diffs = [k for k in sorted(set(a) | set(b)) if not _resumable(k) and a.get(k) != b.get(k)]
+    # An option added since the workdir was written, at its off value, changes nothing.
+    added_off = lambda k: (k not in a and b[k] in (False, None)) or (k not in b and
+                                                                     a[k] in (False, None))
+    diffs = [k for k in sorted(set(a) | set(b))
+             if not _resumable(k) and a.get(k) != b.get(k) and not added_off(k)]
     if diffs:
       shown = ", ".join(f"{k} ({a.get(k)!r} there, {b.get(k)!r} now)" for k in diffs[:3])
       raise TesseraxError(f"workdir {workdir} was written by a different config: {shown}"

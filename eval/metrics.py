@@ -44,8 +44,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tesserax.backbones import dinov2 as dinov2_lib
 from tesserax.backbones import inception as inception_lib
 from tesserax.backbones import weights
-from tesserax.data.preprocess import to_model_range, to_uint8
 from tesserax.core.errors import TesseraxError
+from tesserax.core.sharding import map_batched
+from tesserax.data.preprocess import to_model_range, to_uint8
 from tesserax.eval.frechet import frechet_distance
 from tesserax.eval.stats import FeatureStats, all_processes
 
@@ -335,13 +336,7 @@ def _within(rows, points, radii):
 
 def _row_blocks(fn, rows, *args):
   """fn over fixed blocks of PR_BLOCK rows (the last padded), concatenated."""
-  out = []
-  for start in range(0, len(rows), PR_BLOCK):
-    block = rows[start:start + PR_BLOCK]
-    padded = np.concatenate([block, np.zeros((PR_BLOCK - len(block),) + block.shape[1:],
-                                             block.dtype)])
-    out.append(np.asarray(fn(padded, *args))[:len(block)])
-  return np.concatenate(out)
+  return map_batched(lambda block: fn(block, *args), (rows,), PR_BLOCK, None)
 
 
 def precision_recall(ref_features, sample_features, k=PR_NEIGHBOURS):

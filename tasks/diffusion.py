@@ -61,8 +61,7 @@ class DiffusionTask:
 
   def apply(self, params, x, t, labels, *, train=False, s=None):
     """The network at `params` (the `apply` objectives and samplers see)."""
-    model = nnx.merge(self.graphdef, params, self.buffers)
-    return model(x, t, labels) if s is None and not train else model(x, t, labels, train, s=s)
+    return nnx.merge(self.graphdef, params, self.buffers)(x, t, labels, train, s=s)
 
   def predictions(self):
     """{kind: predict(params, x, time, labels)} of the objective, for the samplers."""

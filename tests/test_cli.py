@@ -33,10 +33,21 @@ def test_train_sample_eval_with_periodic_evaluation(digits_data_dir, tmp_path, c
   with open(scores) as f:
     result = json.load(f)
   assert result["fid_digits"] > 0 and 0 <= result["accuracy"] <= 1
+  # --sample.KEY=VALUE reaches the sampler (a DDIM sampler on this flow model is refused in
+  # one line), and a flag given explicitly wins over it.
+  capsys.readouterr()
+  ddim = ["sample", "--workdir", workdir, "--num", "2", "--sample.solver=ddim",
+          "--sample.final_correction=False", "--out", str(tmp_path / "s.npz")]
+  assert cli.main(ddim) == 2
+  assert capsys.readouterr().err == "error: ddim needs epsilon; this model gives velocity\n"
+  assert cli.main(ddim + ["--sampler", "heun"]) == 0
   capsys.readouterr()
   assert cli.main(["sample", "--workdir", workdir, "--num", "4", "--label", "12",
                    "--out", out]) == 2
   assert "--label 12 is outside [0, 10)" in capsys.readouterr().err
+  assert cli.main(["sample", "--workdir", workdir, "--num", "4", "--sample.steps=3",
+                   "--out", out]) == 2
+  assert "unknown sample key 'steps'; keys under sample:" in capsys.readouterr().err
 
 
 def _random_inception(cache):

@@ -2,8 +2,8 @@
 
 Oracles written here: DiT's linear schedule in float64, the exact epsilon of Gaussian and
 point-mass data (E[eps | x_k] is linear in x_k), the exact flow velocity of a Gaussian, the
-exact conditional velocity of a Gaussian mixture (reference/fewstep.md §10.1), closed-form KL
-and the normal CDF.
+exact conditional velocity of a Gaussian mixture (written out here), closed-form KL and the
+normal CDF.
 """
 import jax
 import jax.numpy as jnp

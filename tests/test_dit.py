@@ -1,6 +1,6 @@
 """DiT against the official architecture: parameter counts, init, embeddings, FLOPs, and the
-float64 NumPy forward of tests/test_dit_family.py (written from reference/generators.md §1.3 in
-the official torch layout) at the model's own float64 and float32 precision."""
+float64 NumPy forward of tests/test_dit_family.py (written from DiT models.py in the official
+torch layout) at the model's own float64 and float32 precision."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,14 +10,14 @@ from flax import nnx
 from tesserax.core.errors import TesseraxError
 from tesserax.generators import dit
 from tesserax.nn import layers
-from test_dit_family import numpy_forward  # the official forward in float64 NumPy
+from test_dit_family import _random_model, numpy_forward  # the official forward in NumPy
 
 SMALL = dict(input_size=8, in_channels=3, patch_size=2, hidden_size=32, depth=2, num_heads=4,
              num_classes=5, learn_sigma=True)
 
 
 def test_dit_xl2_parameter_count_is_the_official_one():
-  # fast-DiT logs "DiT Parameters: 675,129,632" (reference/generators.md §1.2).
+  # fast-DiT logs "DiT Parameters: 675,129,632" (performance/A100/*.out).
   assert dit.count_params(dit.dit_config("XL/2")) == 675_129_632
 
 
@@ -126,25 +126,16 @@ def _check_forward(dtype, rtol):
 
 @pytest.mark.parametrize("name,count", [("S/2", 33), ("B/2", 130)])
 def test_named_sizes_have_the_published_parameter_scale(name, count):
-  # DiT paper Table 4 / reference/generators.md §1.2 (millions, rounded by the paper).
+  # DiT paper Table 4 (millions, rounded by the paper).
   assert abs(dit.count_params(dit.dit_config(name)) / 1e6 - count) / count < 0.005
 
 
 @pytest.mark.parametrize("name,input_size,gmacs,digits", [
     ("XL/2", 32, 118.6, 1), ("XL/2", 64, 524.5, 1), ("B/2", 32, 23.01, 2), ("S/8", 32, 0.36, 2)])
 def test_forward_flops_match_the_papers_gflops(name, input_size, gmacs, digits):
-  # DiT Table 4 "Gflops" are multiply-accumulates (reference/generators.md §1.2), printed to
-  # `digits` decimals.
+  # DiT Table 4 "Gflops" are multiply-accumulates, printed to `digits` decimals.
   flops = dit.forward_flops(dit.dit_config(name, input_size=input_size))
   assert abs(flops / 2e9 - gmacs) <= 0.5 * 10 ** -digits + 1e-9
-
-
-def _random_params(model, seed):
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  rng = np.random.default_rng(seed)
-  params = jax.tree.map(lambda x: (0.2 * rng.standard_normal(x.shape)).astype(np.float32),
-                        nnx.to_pure_dict(params))
-  return graphdef, params, nnx.to_pure_dict(rest)
 
 
 def test_second_time_input():
@@ -157,7 +148,7 @@ def test_second_time_input():
   d, time_mlp = 32, 256 * 32 + 32 + 32 * 32 + 32
   assert dit.count_params(flow_map) == dit.count_params(plain) + time_mlp
   assert dit.forward_flops(flow_map) == dit.forward_flops(plain) + 2 * (256 * d + d * d)
-  graphdef, params, rest = _random_params(dit.DiT(plain, rngs=nnx.Rngs(0)), 1)
+  graphdef, params, rest = _random_model(plain, seed=1)
   model = nnx.merge(graphdef, params, rest)
   two = dit.DiT(flow_map, rngs=nnx.Rngs(0))
   # Built last: every other parameter is initialised as in the plain DiT.

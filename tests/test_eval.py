@@ -43,7 +43,7 @@ def finish(process, timeout=120):
 
 
 def sqrtm_frechet(mu1, sigma1, mu2, sigma2):
-  """pytorch-fid's formula with scipy's sqrtm in float64 (eval.md §3.1), real part."""
+  """pytorch-fid's formula (fid_score.py) with scipy's sqrtm in float64, real part."""
   diff = mu1 - mu2
   covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real
   return diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean)

@@ -1,7 +1,10 @@
 """A new family is new files: a toy network, objective, sampler and task registered from this
-module alone train, checkpoint, resume (equal to an uninterrupted run) and sample through the
-unchanged trainer and command line; a sampler that needs another prediction is refused."""
+module alone train, checkpoint, resume (equal to an uninterrupted run), are scored by two
+evaluators and sample through the unchanged trainer and command line; a sampler that needs
+another prediction is refused."""
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -115,6 +118,8 @@ def toy_config(tiny_config, num_steps):
   config.sample.update(solver="toy_one_step", every_steps=2)
   config.num_steps = num_steps
   config.checkpoint.every_steps = 2
+  config.evals.often = dict(type="digits", every_steps=1, num_samples=10, batch_size=10)
+  config.evals.rarely = dict(type="digits", every_steps=2, num_samples=20, batch_size=10)
   return config
 
 
@@ -127,6 +132,10 @@ def test_a_registered_family_trains_resumes_and_samples(tiny_config, tmp_path, c
   task, state = loop.train(toy_config(tiny_config, 3), resumed, log=lines.append)
   assert any(line.startswith("resumed from") for line in lines)
   assert int(state["step"]) == 3 and (tmp_path / "resumed" / "samples" / "00000002.png").exists()
+  with open(os.path.join(resumed, "metrics.jsonl")) as f:
+    scored = {(row["step"], key.split("/")[1]) for row in map(json.loads, f) for key in row
+              if key.startswith("eval/")}
+  assert scored == {(1, "often"), (2, "often"), (3, "often"), (2, "rarely")}
   _, reference = task_lib.load_workdir(straight)
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(reference)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,10 +1,10 @@
 """Tests of backbones/inception.py, the FID InceptionV3.
 
-Oracles: the conv-shape appendix and parameter counts of reference/eval.md, written out here
-as the official PyTorch state dict; an independent float64 NumPy forward pass written from
-the documented architecture (torchvision BasicConv2d + pytorch-fid's FID blocks); NumPy
-transcriptions of TF1 ResizeBilinear and PyTorch's half-pixel bilinear; constructed inputs
-for the pooling and BatchNorm quirks.
+Oracles: the conv shapes and parameter counts of pytorch-fid inception.py's FID InceptionV3,
+written out here as the official PyTorch state dict; an independent float64 NumPy forward
+pass written from the documented architecture (torchvision BasicConv2d + pytorch-fid's FID
+blocks); NumPy transcriptions of TF1 ResizeBilinear and PyTorch's half-pixel bilinear;
+constructed inputs for the pooling and BatchNorm quirks.
 """
 import jax
 import jax.numpy as jnp
@@ -17,11 +17,11 @@ from tesserax.backbones import inception, weights
 from tesserax.core.errors import TesseraxError
 
 
-# ----------------------------------------------------------- the official state dict (eval.md)
+# ------------------------------------------------ the official state dict (pytorch-fid weights)
 
 
 def appendix_conv_shapes():
-  """{block: [O, I, kh, kw]} for the 94 BasicConv2d blocks, from eval.md's appendix."""
+  """{block: [O, I, kh, kw]} for the 94 BasicConv2d blocks of pytorch-fid inception.py."""
   s = {"Conv2d_1a_3x3": (32, 3, 3, 3), "Conv2d_2a_3x3": (32, 32, 3, 3),
        "Conv2d_2b_3x3": (64, 32, 3, 3), "Conv2d_3b_1x1": (80, 64, 1, 1),
        "Conv2d_4a_3x3": (192, 80, 3, 3)}
@@ -52,7 +52,7 @@ def appendix_conv_shapes():
 
 
 def official_shapes():
-  """The 472 tensors of pt_inception-2015-12-05-6726825d.pth (eval.md §1.2)."""
+  """The 472 tensors of pt_inception-2015-12-05-6726825d.pth (pytorch-fid's FID weights)."""
   shapes = {}
   for block, shape in appendix_conv_shapes().items():
     shapes[f"{block}.conv.weight"] = shape
@@ -80,8 +80,8 @@ def random_state_dict(seed=0):
   return state
 
 
-def test_official_table_matches_eval_md_counts():
-  """The appendix written out here has eval.md's counts: 94 BasicConv2d, 472 tensors,
+def test_official_table_matches_the_published_counts():
+  """The table written out here has the official counts: 94 BasicConv2d, 472 tensors,
   21,751,136 conv + 68,864 BatchNorm + 2,065,392 fc floats."""
   shapes = official_shapes()
   sizes = {k: int(np.prod(v)) for k, v in shapes.items()}

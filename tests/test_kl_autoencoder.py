@@ -1,6 +1,7 @@
 """KL autoencoder (VA-VAE, SD-VAE) and its converters against an independent float64 NumPy
-forward pass of the LDM Encoder/Decoder, written here from reference/tokenizers.md §3.1 and
-operating directly on the official (torch-layout, NCHW) state dict."""
+forward pass of the LDM Encoder/Decoder, written here from LDM
+ldm/modules/diffusionmodules/model.py and LightningDiT tokenizer/autoencoder.py, operating
+directly on the official (torch-layout, NCHW) state dict."""
 import json
 import os
 import re
@@ -16,6 +17,8 @@ from tesserax.core import registry
 from tesserax.core.errors import TesseraxError
 from tesserax.tokenizers import kl_autoencoder, tokenizer
 
+# The team's key/shape listing of the official VA-VAE AutoencoderKL, outside the repository:
+# checked when present, skipped otherwise.
 KEYS_FILE = "/work/shared/reference/keys/vavae_f16d32.txt"
 
 
@@ -225,7 +228,8 @@ def test_parameter_counts_equal_the_official_ones():
 
   va = kl_autoencoder.vavae_f16d32()
   model, va_counts = counts(va)
-  # keys/vavae_f16d32.txt header: total=69836067 enc=28413248 dec=41417603.
+  # LightningDiT tokenizer/autoencoder.py AutoencoderKL(embed_dim=32, ch_mult=(1,1,2,2,4)):
+  # total=69836067 enc=28413248 dec=41417603 (69.84M parameters).
   assert va_counts == [69836067, 28413248, 41417603]
   assert model.latent_shape == (16, 16, 32) and model.is_discrete is False
   assert (model.latent_dtype, model.codebook_size) == (np.float32, 0)
@@ -233,7 +237,7 @@ def test_parameter_counts_equal_the_official_ones():
   model, sd_counts = counts(kl_autoencoder.sd_vae_f8d4())
   assert sd_counts[0] == 83653863 and model.latent_shape == (32, 32, 4)
   # The model's official keys and shapes are those of the naming scheme above, which the
-  # reference key list confirms where it is available.
+  # team's key listing (KEYS_FILE) confirms when present.
   rules = vae.ldm_rules(va)
   ours = {k: tuple(s if p is None else [s[p.index(i)] for i in range(len(p))])
           for k, (_, s, p) in rules.items()}

@@ -1,7 +1,7 @@
 """Tests of sampling/: time grids, solvers on exact Gaussian fields, guidance, the sampler.
 
-The oracles are the exact velocity fields of Gaussians and Gaussian mixtures
-(reference/fewstep.md §10.1), written out here, and the table of exact sampler errors there.
+The oracles are the exact velocity fields of Gaussians and Gaussian mixtures, written out here,
+and a table of exact sampler errors on the exact field of Gaussian data (computed analytically).
 """
 import os
 import subprocess
@@ -16,7 +16,8 @@ import pytest
 from tesserax.core.errors import TesseraxError
 from tesserax.sampling import guidance, sample, solvers, timesteps
 
-# fewstep.md §10.1, W2 = |std_out - s| for data N(0, s^2): steps -> value.
+# Exact errors on the exact rectified-flow field, W2 = |std_out - s| for data N(0, s^2):
+# steps -> value.
 TABLE = {
     ("euler", True, 1.0): {1: 1.000, 2: 0.500, 4: 0.280, 8: 0.149, 16: 0.0773, 32: 0.0394},
     ("heun", False, 1.0): {1: 1.000, 2: 0.250, 4: 0.0496, 8: 0.0101, 16: 0.0022, 32: 0.0005},
@@ -92,7 +93,7 @@ def test_exact_gaussian_errors_match_table(solver, final_correction, s):
 def test_one_euler_step_collapses_to_the_mean():
   weights, means, stds = np.array([0.3, 0.7]), np.array([-1.0, 3.0]), np.array([0.5, 1.0])
 
-  def velocity(x, t):  # exact 1-D GMM field (§10.1)
+  def velocity(x, t):  # exact 1-D GMM field
     m = (1 - t) * means
     c = (1 - t) ** 2 * stds ** 2 + t ** 2
     log_w = jnp.log(weights) - 0.5 * (x[:, None] - m) ** 2 / c - 0.5 * jnp.log(c)
@@ -136,8 +137,8 @@ NULL = 2
 
 
 def gmm_velocity_np(x, t, components, mixture=GMM):
-  """§10.1 in float64 NumPy for isotropic components: the field of `mixture` restricted to
-  `components` (one index: that class's Gaussian; all: the unconditional mixture)."""
+  """The exact GMM velocity in float64 NumPy for isotropic components: the field of `mixture`
+  restricted to `components` (one index: that class's Gaussian; all: the unconditional mixture)."""
   x = np.asarray(x, np.float64)
   w, mu, sd = (mixture[k][components] for k in ("weights", "means", "stds"))
   m = (1 - t) * mu  # [K, D]

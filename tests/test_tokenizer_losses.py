@@ -1,5 +1,5 @@
-"""Tokenizer losses against direct NumPy implementations of their definitions
-(reference/tokenizers.md §3.2, §3.3) and hand computations."""
+"""Tokenizer losses against direct NumPy implementations of their definitions (LightningDiT
+vavae/ldm/modules/losses/contperceptual.py, taming-transformers) and hand computations."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,8 +113,6 @@ def test_hinge_lecam_kl_nll_by_hand():
   np.testing.assert_allclose(losses.nll_loss(x, x_rec, lp, 2.0), (6 + 4) / 2)
   np.testing.assert_allclose(losses.nll_loss(x, x_rec, lp, 2.0, logvar=1.0),
                              (10 / np.e + 8) / 2, rtol=1e-6)
-  np.testing.assert_allclose(losses.l1_loss(x, x_rec), 0.5)
-  np.testing.assert_allclose(losses.l2_loss(x, x_rec), 0.75)
 
 
 def np_conv(x, w, b, stride):

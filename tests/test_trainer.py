@@ -236,3 +236,30 @@ def test_every_recipe_has_the_trainer_keys():
   for name in names:
     missing = required - paths(config_lib.load(name))
     assert not missing, (name, sorted(missing))
+
+
+def test_a_workdir_of_the_layout_before_tasks_resumes(tiny_config, tmp_path):
+  """A config.json written before `task` and `evals` (one `eval` section holding the demo's
+  nfe/cfg_scale, no sample.final_correction) loads as a diffusion task and resumes to the
+  state of an uninterrupted run."""
+  quiet = lambda _: None
+  tiny_config.checkpoint.every_steps = 2
+  tiny_config.num_steps = 4
+  loop.train(tiny_config, str(tmp_path / "straight"), log=quiet)
+  old = str(tmp_path / "old")
+  tiny_config.num_steps = 2
+  loop.train(tiny_config, old, log=quiet)
+  path = os.path.join(old, "config.json")
+  with open(path) as f:
+    saved = json.load(f)
+  evals, demo = saved.pop("evals")["digits"], saved.pop("demo")
+  del saved["task"], saved["sample"]["final_correction"], evals["type"]
+  saved["eval"] = dict(evals, kind="digits", ref="", metrics=["fid"], **demo)
+  with open(path, "w") as f:
+    json.dump(saved, f)
+  task, _ = task_lib.load_workdir(old)
+  assert task.config.task == "diffusion" and task.config.evals.digits.type == "digits"
+  assert tuple(task.config.demo.nfe) == (1, 2) and task.config.sample.final_correction
+  tiny_config.num_steps = 4
+  loop.train(tiny_config, old, log=quiet)
+  _assert_trees_equal(_state_of(str(tmp_path / "straight")), _state_of(old))

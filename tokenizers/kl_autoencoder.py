@@ -2,7 +2,7 @@
 
 Architecture of CompVis ldm/modules/diffusionmodules/model.py (Encoder, Decoder) and
 ldm/models/autoencoder.py (AutoencoderKL), which hustvl/LightningDiT tokenizer/autoencoder.py
-copies (reference/tokenizers.md §3.1, §5):
+copies:
 - GroupNorm(32, eps 1e-6, affine), swish x * sigmoid(x);
 - ResnetBlock: norm1 -> swish -> conv1 3x3 -> norm2 -> swish -> conv2 3x3, plus the input
   through a 1x1 `nin_shortcut` where the channel count changes;
@@ -253,11 +253,6 @@ class KLAutoencoder(nnx.Module):
       raise TesseraxError(f"latents of shape {tuple(latents.shape[1:])} given to a tokenizer "
                           f"with latent shape {self.latent_shape}")
     return self.decoder(self.post_quant_conv(latents))
-
-  def __call__(self, images, key=None):
-    """Reconstructions, and the (mean, logvar) they were decoded from (a sample with `key`)."""
-    mean, logvar = self.posterior(images)
-    return self.decode(sample(mean, logvar, key)), (mean, logvar)
 
 
 def sample(mean, logvar, key=None):

@@ -1,6 +1,6 @@
 """Tokenizer training losses: reconstruction, KL, PatchGAN, adaptive weights, LeCam, VF.
 
-Sources (reference/tokenizers.md §1.3, §3.2, §3.3):
+Sources:
 - `nll_loss`, `kl_loss`: LDM ldm/modules/losses/contperceptual.py LPIPSWithDiscriminator
   ((|x - x_rec| + w_p LPIPS) / exp(logvar) + logvar, summed per image, averaged over the
   batch; KL of ldm/modules/distributions/distributions.py summed per image, batch-averaged);
@@ -20,14 +20,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 # ---------------------------------------------------------------------- reconstruction, KL
-
-
-def l1_loss(x, x_rec):
-  return jnp.mean(jnp.abs(x - x_rec))
-
-
-def l2_loss(x, x_rec):
-  return jnp.mean(jnp.square(x - x_rec))
 
 
 def nll_loss(x, x_rec, perceptual, perceptual_weight=1.0, logvar=0.0):
@@ -155,7 +147,7 @@ def vf_loss(z, features, cos_margin=0.5, distmat_margin=0.25, cos_weight=1.0,
 def dinov2_patch_features(dino, images, resolution=224):
   """Final-norm DINOv2 patch tokens [N, R/14, R/14, width] of images in [-1, 1], resized
   bilinearly (no antialias, F.interpolate) to `resolution` and fed without ImageNet
-  normalisation, as the released VA-VAE was trained (tokenizers.md §3.1, issue #78). The CLS
+  normalisation, as the released VA-VAE was trained (hustvl/LightningDiT issue #78). The CLS
   token is dropped. `dino`: backbones/dinov2.DinoV2."""
   n, h, w, c = images.shape
   scale = jnp.array([resolution / h, resolution / w])
