@@ -28,7 +28,8 @@ def sample_time(key, batch_size, config):
     return jax.nn.sigmoid(config.logit_mean + config.logit_std * normal)
   if config.time_sampling == "uniform":
     return jax.random.uniform(key, (batch_size,))
-  raise TesseraxError(f"unknown time_sampling {config.time_sampling!r}; use logit_normal or uniform")
+  raise TesseraxError(f"unknown time_sampling {config.time_sampling!r}; use logit_normal or "
+                      "uniform")
 
 
 def drop_labels(key, labels, class_dropout, num_classes):

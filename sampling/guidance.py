@@ -8,8 +8,9 @@ velocity is the conditional one. Flow time: t = 1 is noise (DESIGN.md convention
 Guidance applies to every output channel by default. `guided_channels=k` guides only the first
 k channels and keeps the conditional output elsewhere: the official DiT, SiT and LightningDiT
 `forward_with_cfg` guide channels [0:3] only, a GLIDE carry-over kept there for
-reproducibility (DiT PR #12, #41; LightningDiT #21: 3 of 32 channels). Use `guided_channels=3` only to reproduce their published numbers (DiT: cfg 1.5 on 3
-channels, FID 2.27, ~ cfg 1.375 on all 4).
+reproducibility (DiT PR #12, #41; LightningDiT #21: 3 of 32 channels). Use
+`guided_channels=3` only to reproduce their published numbers (DiT: cfg 1.5 on 3 channels,
+FID 2.27, ~ cfg 1.375 on all 4).
 """
 import jax
 import jax.numpy as jnp

@@ -47,7 +47,8 @@ def make_sampler(apply_fn, *, solver="euler", num_steps, shift=1.0, cfg_scale=1.
   Args:
     apply_fn: `apply_fn(params, x, t_vec, labels) -> v` with t_vec [B] in flow time
       (t = 1 noise) and v = eps - x0.
-    solver: 'euler' or 'heun' (sampling/solvers.py).
+    solver: 'euler' or 'heun' (sampling/solvers.py), or a solve(velocity_fn, noise, times)
+      function (sampling/multistep.py).
     num_steps: solver steps N over `time_grid(num_steps, shift)`.
     shift: SD3 timestep shift (sampling/timesteps.py).
     cfg_scale, interval, null_label: classifier-free guidance (sampling/guidance.py).
@@ -60,9 +61,12 @@ def make_sampler(apply_fn, *, solver="euler", num_steps, shift=1.0, cfg_scale=1.
 
   The sampler compiles once per input shape; build it once and reuse it.
   """
-  if solver not in SOLVERS:
+  if callable(solver):
+    solve = solver
+  elif solver not in SOLVERS:
     raise TesseraxError(f"unknown solver {solver!r}; choose from {sorted(SOLVERS)}")
-  solve = SOLVERS[solver]
+  else:
+    solve = SOLVERS[solver]
   if solver == "heun":
     solve = functools.partial(heun, final_correction=final_correction)
   times = np.asarray(time_grid(num_steps, shift))  # a host constant of the compiled sampler
@@ -93,7 +97,9 @@ def make_sampler(apply_fn, *, solver="euler", num_steps, shift=1.0, cfg_scale=1.
   return sharded_sample
 
 
-def _make_flow(solver, predict, settings, *, null_label, mesh):
+def make_flow(solver, predict, settings, *, null_label, mesh):
+  """A Sampler's make for a flow solver (a name of sampling/solvers.py or a solve function)
+  over a velocity prediction."""
   sample = make_sampler(
       predict, solver=solver, num_steps=settings.num_steps, shift=settings.shift,
       cfg_scale=settings.cfg_scale, interval=tuple(settings.interval), null_label=null_label,
@@ -103,4 +109,4 @@ def _make_flow(solver, predict, settings, *, null_label, mesh):
 
 
 for _name in SOLVERS:
-  registry.SAMPLERS.register(_name, Sampler("velocity", functools.partial(_make_flow, _name)))
+  registry.SAMPLERS.register(_name, Sampler("velocity", functools.partial(make_flow, _name)))

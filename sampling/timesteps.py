@@ -7,9 +7,9 @@ The shift is SD3's (Esser et al. 2024, eq. 23):
 It fixes 0 and 1 and is monotone for s > 0. For s > 1, t' > t on (0, 1), so a uniform grid is
 pushed towards t = 1 and more steps are spent near noise.
 
-LightningDiT (transport/transport.py, `timestep_shift`) writes the same formula in its own convention, where
-u = 1 - t is the time and u = 0 is noise, with s_L = 0.3. Mapping their shifted time back,
-t' = 1 - u' with u' = s_L u / (1 + (s_L - 1) u) and u = 1 - t:
+LightningDiT (transport/transport.py, `timestep_shift`) writes the same formula in its own
+convention, where u = 1 - t is the time and u = 0 is noise, with s_L = 0.3. Mapping their
+shifted time back, t' = 1 - u' with u' = s_L u / (1 + (s_L - 1) u) and u = 1 - t:
 
   t' = (1 - u) / (1 + (s_L - 1) u) = t / (s_L + (1 - s_L) t)
      = (t / s_L) / (1 + (1 / s_L - 1) t),
