@@ -303,11 +303,14 @@ def _sample_settings(config, args, overrides):
 def _cmd_sample(args, overrides):
   import numpy as np
   import tesserax.tasks  # noqa: F401  (registers the built-in tasks)
+  from tesserax.core import config as config_lib
+  from tesserax.core.files import atomic_output
   from tesserax.data.preprocess import to_uint8
   from tesserax.training.task import load_workdir
   _initialize_distributed(args)
   task, state = load_workdir(args.workdir)
   settings = _sample_settings(task.config, args, overrides)
+  config_lib.validate_sample(settings)
   num_classes = task.config.model.num_classes
   if args.num < 1:
     raise TesseraxError(f"--num must be positive, got {args.num}")
@@ -334,16 +337,20 @@ def _cmd_sample(args, overrides):
     images = decoder.decode_normalized(images)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.savez(args.out, arr_0=to_uint8(images), arr_1=labels)
+    with atomic_output(args.out) as tmp, open(tmp, "wb") as f:  # a file: no ".npz" appended
+      np.savez(f, arr_0=to_uint8(images), arr_1=labels)
     print(f"wrote {args.num} samples to {args.out}")
 
 
 def _report(results, out):
+  from tesserax.core.files import atomic_output
   width = max(len(k) for k in results)
   for key, value in results.items():
-    print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float)
+          else f"{key:<{width}}  {value}")
   if out:
-    with open(out, "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with atomic_output(out) as tmp, open(tmp, "w") as f:
       json.dump(results, f, indent=2)
 
 
@@ -407,6 +414,10 @@ def _cmd_eval_recon(args, overrides):
       raise TesseraxError("--originals and --reconstructions go together")
     originals = reference.read_images(args.originals)
     reconstructions = reference.read_images(args.reconstructions)
+    if originals.shape != reconstructions.shape:
+      raise TesseraxError(f"{args.originals} holds images {list(originals.shape)} and "
+                          f"{args.reconstructions} {list(reconstructions.shape)}; "
+                          "reconstructions pair with their originals one for one")
     _report(metrics_lib.reconstruction_metrics(originals, reconstructions, metrics,
                                                num_samples=args.num), args.out)
     return
@@ -492,7 +503,53 @@ COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "sample": _cmd_sample, "eval
             "data": _cmd_data}
 
 
+def _chain(exc):
+  """exc and every exception it was raised from or during, exception groups included."""
+  seen, todo = [], [exc]
+  while todo:
+    e = todo.pop()
+    if e is not None and not any(e is s for s in seen):
+      seen.append(e)
+      group = e.exceptions if isinstance(e, BaseExceptionGroup) else ()
+      todo += [e.__cause__, e.__context__, *group]
+  return seen
+
+
+PLUGINS = {"cuda": "pip install 'tesserax[cuda]'", "tpu": "pip install 'tesserax[tpu]'"}
+
+
+def _machine_error(exc) -> str | None:
+  """The one line for a failure of the machine, not of the code: a full disk, an accelerator
+  jax cannot initialise, an out-of-memory. None for anything else (a bug keeps its traceback)."""
+  import errno
+  import re
+  import traceback
+  for e in _chain(exc):
+    text = str(e)
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in text:
+      where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+      return (f"no space left on device{where}: free some disk space and run the same command "
+              "again; the last checkpoint is kept and a training run resumes from it")
+    backend = re.search(r"Unable to initialize backend '(\w+)'", text)
+    frames = traceback.extract_tb(e.__traceback__)
+    # JAX_PLATFORMS=cuda without a visible GPU fails an assert in jax's backend setup.
+    no_gpu = (isinstance(e, AssertionError) and os.environ.get("JAX_PLATFORMS") and frames
+              and frames[-1].filename.endswith("xla_bridge.py"))
+    if (isinstance(e, RuntimeError) and backend) or no_gpu:
+      name = backend[1] if backend else os.environ["JAX_PLATFORMS"]
+      install = PLUGINS.get(name, f"install jax's {name} plugin")
+      return (f"jax cannot initialise the {name} backend (no {name} device, or its library is "
+              f"missing): {install} on a machine with one, or run on CPU with JAX_PLATFORMS=cpu")
+    if type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and "RESOURCE_EXHAUSTED" in text:
+      return (f"out of memory ({text.strip().splitlines()[0][:200]}): lower batch_size, compute "
+              "in bfloat16 (--config.model.dtype=bfloat16) or rematerialise activations "
+              "(--config.model.remat=True)")
+  return None
+
+
 def main(argv=None):
+  """Run a command; bad input ends in one `error:` line and exit status 2, a full disk, a
+  missing accelerator or an out-of-memory in one line and exit status 1."""
   argv = sys.argv[1:] if argv is None else argv
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from absl import logging as absl_logging
@@ -513,6 +570,12 @@ def main(argv=None):
   except KeyboardInterrupt:
     print("error: interrupted", file=sys.stderr)
     return 130
+  except Exception as e:  # a bug is re-raised with its traceback
+    message = _machine_error(e)
+    if message is None:
+      raise
+    print(f"error: {message}", file=sys.stderr)
+    return 1
   return 0
 
 

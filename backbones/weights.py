@@ -12,16 +12,21 @@ of the documented format is below, so the `safetensors` package is not needed) a
 Each key map consumes every key of the file exactly once: keys the backbone does not use
 are listed and dropped explicitly, and a missing, unexpected or misshapen key is refused
 with the key's name.
+
+The readers never run code from a file (`np.load(allow_pickle=False)`,
+`torch.load(weights_only=True)`), and a malformed file (truncated, corrupt, text, pickled, a
+safetensors header that is not JSON or points past the end) is one TesseraxError naming it.
+Files are read through core/files.py's guarded `read_npz` (never unpickling).
 """
 import functools
 import hashlib
 import json
 import os
 import pathlib
+import re
 import struct
 import urllib.error
 import urllib.request
-import zipfile
 from typing import Callable, NamedTuple, Optional
 
 import jax.numpy as jnp
@@ -33,6 +38,7 @@ from tesserax.backbones.dinov2 import DinoV2
 from tesserax.backbones.inception import InceptionV3
 from tesserax.backbones.vgg_lpips import LPIPS, TORCH_CONV_INDICES
 from tesserax.core.errors import TesseraxError
+from tesserax.core.files import PICKLED, atomic_output, one_line, read_npz
 
 
 class WeightFile(NamedTuple):
@@ -91,7 +97,8 @@ FACTORIES = {
 
 
 def cache_dir() -> pathlib.Path:
-  return pathlib.Path(os.environ.get("TESSERAX_CACHE", pathlib.Path.home() / ".cache" / "tesserax"))
+  default = pathlib.Path.home() / ".cache" / "tesserax"
+  return pathlib.Path(os.environ.get("TESSERAX_CACHE", default))
 
 
 def _entry(name):
@@ -152,8 +159,7 @@ def load(name: str, directory=None) -> nnx.Module:
   directory = pathlib.Path(directory) if directory is not None else cache_dir()
   converted = directory / f"{name}.flax.npz"
   if converted.exists():
-    with np.load(converted) as f:
-      params = dict(f)
+    params = read_npz(converted, "converted weights")
   else:
     sources = [_find_source(directory, f.filename) for f in files]
     missing = [f for f, path in zip(files, sources) if path is None]
@@ -161,10 +167,9 @@ def load(name: str, directory=None) -> nnx.Module:
       raise TesseraxError(f"{_place_message(name, missing, directory)} (or run "
                           f"`tesserax weights fetch {name}`)")
     params = CONVERTERS[name](*sources)
-    tmp = converted.with_name(f"{converted.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    # Atomic: concurrent processes never read a partial file.
+    with atomic_output(converted) as tmp, open(tmp, "wb") as f:
       np.savez(f, **params)
-    os.replace(tmp, converted)  # atomic: concurrent processes never read a partial file
   return with_params(FACTORIES[name], params,
                      source=f"{converted} (stale: delete it to convert the official files again)")
 
@@ -189,6 +194,9 @@ def with_params(factory: Callable[[], nnx.Module], params: dict, source="params"
       got = tuple(params[key].shape) if key in params else "missing"
       raise TesseraxError(f"{source}: parameter {key!r} is {got}, expected "
                           f"{expected.get(key, 'no such parameter')}")
+    if not np.issubdtype(params[key].dtype, np.floating):
+      raise TesseraxError(f"{source}: parameter {key!r} has dtype {params[key].dtype}, "
+                          "expected floats")
   pure = traverse_util.unflatten_dict(
       {tuple(k.split(".")): jnp.asarray(v, jnp.float32) for k, v in params.items()})
   nnx.replace_by_pure_dict(state, pure)
@@ -222,15 +230,36 @@ def read_tensors(path) -> Tensors:
   return readers[path.suffix](path)
 
 
-def _read_pth(path):
+def import_torch(path):
+  """The torch module; without it, one line saying how to read or write `path` instead."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
     raise TesseraxError(
-        f"reading {path} needs PyTorch: pip install 'tesserax[torch]', or convert the file to "
-        ".safetensors or .npz with the same keys") from None
-  state = torch.load(path, map_location="cpu", weights_only=True)
-  if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        f"{path} needs PyTorch: pip install 'tesserax[torch]', or use .safetensors or .npz "
+        "with the same keys") from None
+  return torch
+
+
+def torch_load(path):
+  """The content of a PyTorch file, loaded on the CPU with `weights_only=True` (tensors and
+  plain containers; nothing in the file runs)."""
+  torch = import_torch(path)
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except  (torch raises many types for this)
+    if "Weights only load failed" in str(e):  # an object that only unpickling would build
+      what = re.search(r"[^\n.]*unsupported[^\n.]*", str(e), re.IGNORECASE)
+      raise TesseraxError(f"{path} {PICKLED}" + (f" ({what[0].strip()})" if what else "")) \
+          from None
+    raise TesseraxError(f"{path} is not a PyTorch file that torch.load(weights_only=True) "
+                        f"reads: truncated, corrupt or another format ({one_line(e)})") from None
+
+
+def _read_pth(path):
+  torch = import_torch(path)
+  state = torch_load(path)
+  if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
     raise TesseraxError(f"{path} is not a flat state dict of tensors")
   return Tensors(path, {k: tuple(v.shape) for k, v in state.items()},
                  lambda k: state[k].detach().to(torch.float32).numpy())
@@ -240,28 +269,49 @@ _SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", 
                        "I32": "<i4"}
 
 
+def _safetensors_header(path, size):
+  """(header length N, {key: entry}) of a safetensors file of `size` bytes, checked to be one."""
+  if size < 8:
+    raise TesseraxError(f"{path}: not a safetensors file ({size} bytes, shorter than the "
+                        "8-byte header length)")
+  with open(path, "rb") as f:
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > size - 8:
+      raise TesseraxError(f"{path}: not a safetensors file (its header length {n} goes past "
+                          f"the end of the {size}-byte file; truncated?)")
+    try:
+      header = json.loads(f.read(n))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+      raise TesseraxError(f"{path}: not a safetensors file (its header is not JSON: "
+                          f"{one_line(e)})") from None
+  if not isinstance(header, dict):
+    raise TesseraxError(f"{path}: not a safetensors file (its header is not a JSON object)")
+  header.pop("__metadata__", None)
+  return n, header
+
+
 def _read_safetensors(path):
   """The safetensors layout: u64 little-endian header size N, N bytes of JSON
   {key: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": ...}, then the
   data, offsets counted from the end of the header."""
   size = path.stat().st_size
-  with open(path, "rb") as f:
-    (n,) = struct.unpack("<Q", f.read(8))
-    if n > size - 8:
-      raise TesseraxError(f"{path}: not a safetensors file (header size {n})")
-    header = json.loads(f.read(n))
-  header.pop("__metadata__", None)
+  n, header = _safetensors_header(path, size)
   data = np.memmap(path, np.uint8, "r") if size > 8 + n else np.zeros(0, np.uint8)
   shapes, spans = {}, {}
   for key, info in header.items():
-    if info["dtype"] not in _SAFETENSORS_DTYPES:
-      raise TesseraxError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
-    dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-    begin, end = info["data_offsets"]
-    shape = tuple(info["shape"])
+    name, shape, offsets = (info.get(field) if isinstance(info, dict) else None
+                            for field in ("dtype", "shape", "data_offsets"))
+    if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(v, int) and v >= 0 for v in shape + offsets)):
+      raise TesseraxError(f"{path}: tensor {key!r} is not described by dtype, shape and "
+                          "data_offsets [begin, end]")
+    if name not in _SAFETENSORS_DTYPES:
+      raise TesseraxError(f"{path}: tensor {key!r} has unsupported dtype {name}")
+    dtype = np.dtype(_SAFETENSORS_DTYPES[name])
+    shape, (begin, end) = tuple(shape), offsets
     if end - begin != int(np.prod(shape)) * dtype.itemsize or 8 + n + end > size:
       raise TesseraxError(f"{path}: tensor {key!r} has inconsistent data offsets")
-    shapes[key], spans[key] = shape, (8 + n + begin, 8 + n + end, dtype, info["dtype"])
+    shapes[key], spans[key] = shape, (8 + n + begin, 8 + n + end, dtype, name)
 
   def read(key):
     begin, end, dtype, name = spans[key]
@@ -274,18 +324,12 @@ def _read_safetensors(path):
 
 
 def _read_npz(path):
-  shapes = {}
-  with zipfile.ZipFile(path) as z:
-    for member in z.namelist():
-      with z.open(member) as f:
-        version = np.lib.format.read_magic(f)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-        if read_header is None:
-          raise TesseraxError(f"{path}: {member} has unsupported .npy version {version}")
-        shapes[member.removesuffix(".npy")] = tuple(read_header(f)[0])
-  npz = np.load(path)
-  return Tensors(path, shapes, lambda k: np.asarray(npz[k], np.float32))
+  arrays = read_npz(path, "weight file")
+  for key, value in arrays.items():
+    if not np.issubdtype(value.dtype, np.number):
+      raise TesseraxError(f"{path}: array {key!r} has dtype {value.dtype}, not numbers")
+  return Tensors(path, {k: v.shape for k, v in arrays.items()},
+                 lambda k: np.asarray(arrays[k], np.float32))
 
 
 # ------------------------------------------------------------------------------- key maps
@@ -297,7 +341,7 @@ def convert(tensors: Tensors, rules: dict, dropped: dict = None, optional: dict 
   rules: {source_key: (flax_key, flax_shape, perm)}, the Flax array being
   source.transpose(perm) (perm None: as is); dropped: {source_key: shape}, keys the file must
   have that the backbone does not use; optional: the same for keys the file may have. Every
-  key and shape is checked before any data is read.
+  key and shape is checked before any tensor is converted.
   """
   dropped, optional = dropped or {}, optional or {}
   name = tensors.path.name

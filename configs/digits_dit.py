@@ -1,7 +1,8 @@
 """Class-conditional rectified-flow DiT on scikit-learn's digits (16x16, 1 channel), on CPU.
 
 The offline default behind `tesserax demo`: 1,500 real training images served at 16x16 in
-[-1, 1]; a DiT-S-like width-128, 4-block DiT with patch 4 (16 tokens); logit-normal rectified flow with 10% label dropout.
+[-1, 1]; a DiT-S-like width-128, 4-block DiT with patch 4 (16 tokens); logit-normal rectified
+flow with 10% label dropout.
 
 Launch:   tesserax train --config digits_dit --workdir workdirs/digits
 Runtime:  about 3 minutes on 2 CPU cores (see README, "The demo").
@@ -11,6 +12,8 @@ Expected: EMA samples at 32 Euler steps are classified as the requested digit > 
 `get_config("tiny")` is the test size: a 2-block, width-32 DiT for a few steps.
 """
 from tesserax.core.config import base_config
+
+ARGS = ("tiny",)
 
 
 def get_config(arg=None):

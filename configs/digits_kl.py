@@ -22,6 +22,8 @@ Expected: see README, "Tokenizers" (PSNR and FID-digits of test-split reconstruc
 """
 from tesserax.core.config import base_config
 
+ARGS = ("tiny",)
+
 
 def get_config(arg=None):
   config = base_config()

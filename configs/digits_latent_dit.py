@@ -12,8 +12,12 @@ Launch:   tesserax demo --latent (trains the tokenizer, encodes, trains this, ev
           tesserax train --config digits_latent_dit --workdir DIR --config.data.data_dir=CACHE
 Runtime:  about 3 minutes on 2 CPU cores.
 Expected: see README, "Tokenizers" (class accuracy of decoded samples >= 90%).
+
+`get_config("tiny")` is the test size (digits_dit's tiny model on the same latents).
 """
 from tesserax.core import config as config_lib
+
+ARGS = ("tiny",)
 
 
 def get_config(arg=None):

@@ -24,11 +24,10 @@ from tesserax.generators import dit
 from tesserax.core.config import base_config
 
 LATENT_SIZE = {"256": 32, "512": 64}
+ARGS = tuple(LATENT_SIZE)
 
 
 def get_config(arg="256"):
-  if arg not in LATENT_SIZE:
-    raise ValueError(f"dit_xl2 takes 256 or 512, got {arg!r}")
   latent = LATENT_SIZE[arg]
   config = base_config()
   config.num_steps = 7_000_000 if arg == "256" else 3_000_000

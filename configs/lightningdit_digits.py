@@ -18,6 +18,8 @@ Expected: measured on 2 CPU cores with cfg 1: FID-digits 20.3 at 32 Euler NFE (2
 from tesserax.generators import dit
 from tesserax.core import config as config_lib
 
+ARGS = ("tiny",)
+
 
 def get_config(arg=None):
   config = config_lib.load("digits_dit:tiny" if arg == "tiny" else "digits_dit")

@@ -28,11 +28,10 @@ from tesserax.core.config import base_config
 
 # run: (steps, cfg scale, their cfg_interval_start)
 RUNS = {"64ep": (80_000, 10.0, 0.10), "800ep": (1_000_000, 6.7, 0.125)}
+ARGS = tuple(RUNS)
 
 
 def get_config(arg="64ep"):
-  if arg not in RUNS:
-    raise ValueError(f"lightningdit_xl1 takes {' or '.join(RUNS)}, got {arg!r}")
   steps, cfg_scale, interval_start = RUNS[arg]
   config = base_config()
   config.num_steps = steps

@@ -20,11 +20,12 @@ Expected: FID-50K 2.06 (SDE, cfg 1.5), ~2.15 with the Heun ODE (SiT #14); 8.61 w
 from tesserax.configs import dit_xl2
 from tesserax.generators import dit
 
+ARGS = ()  # 256x256 only
 
-def get_config(arg=None):
+
+def get_config():
   """DiT-XL/2's recipe (configs/dit_xl2.py: batch, optimizer, EMA, steps, data) with SiT's
   network, objective and sampler."""
-  del arg
   config = dit_xl2.get_config("256")
   config.model = dit.sit_config("XL/2", dtype="bfloat16")
   config.objective = dict(name="rectified_flow", time_sampling="uniform", logit_mean=0.0,

@@ -1,13 +1,14 @@
 """Official checkpoint files as NumPy arrays, and back.
 
 `.pt` / `.pth` / `.bin` go through PyTorch, which is optional and imported only for them
-(`torch.load(weights_only=True)`: tensors and plain containers, no code execution), keeping
-nested dicts such as {"ema": state_dict, ...}. `.safetensors` and `.npz` are read by
-backbones/weights.py `read_tensors` (its NumPy safetensors reader; no safetensors package).
-Floating-point tensors arrive as float32. `write` saves a flat state_dict as `.safetensors` with the small NumPy writer below
-(an 8-byte little-endian header length N, N bytes of JSON mapping each name to {dtype, shape,
-data_offsets: [begin, end]} into the data that follows, the raw bytes in the host's order,
-little-endian on x86 and ARM), or as a PyTorch file.
+(backbones/weights.py `torch_load`: `torch.load(weights_only=True)`, tensors and plain
+containers, no code execution), keeping nested dicts such as {"ema": state_dict, ...}.
+`.safetensors` and `.npz` are read by backbones/weights.py `read_tensors` (its NumPy
+safetensors reader; no safetensors package). A malformed file is one TesseraxError naming it.
+Floating-point tensors arrive as float32. `write` saves a flat state_dict as `.safetensors`
+with the small NumPy writer below (an 8-byte little-endian header length N, N bytes of JSON
+mapping each name to {dtype, shape, data_offsets: [begin, end]} into the data that follows, the
+raw bytes in the host's order, little-endian on x86 and ARM), or as a PyTorch file.
 """
 import json
 import os
@@ -18,6 +19,7 @@ import numpy as np
 
 from tesserax.backbones import weights
 from tesserax.core.errors import TesseraxError
+from tesserax.core.files import atomic_output
 
 # What backbones/weights.py reads back.
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
@@ -37,13 +39,16 @@ def read(path: str) -> dict:
 
 
 def write(path: str, state_dict: dict) -> None:
-  """Write {name: np.ndarray} as .safetensors, or with PyTorch as .pt / .pth / .bin."""
+  """Write {name: np.ndarray} as .safetensors, or with PyTorch as .pt / .pth / .bin, under a
+  temporary name renamed to `path` when complete."""
   if path.endswith(".safetensors"):
-    _write_safetensors(path, state_dict)
+    with atomic_output(path) as tmp:
+      _write_safetensors(tmp, state_dict)
   elif path.endswith(TORCH_SUFFIXES):
-    torch = _import_torch(path)
-    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()},
-               path)
+    torch = weights.import_torch(path)
+    with atomic_output(path) as tmp:
+      torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()},
+                 tmp)
   else:
     raise TesseraxError(f"unknown checkpoint format: {path} (expected .safetensors or "
                         f"{', '.join(TORCH_SUFFIXES)})")
@@ -69,22 +74,11 @@ def _write_safetensors(path, state_dict):
       f.write(value.tobytes())
 
 
-def _import_torch(path):
-  try:
-    import torch
-  except ImportError:
-    raise TesseraxError(f"{path}: PyTorch files need PyTorch (pip install torch); or save the "
-                        "state_dict as .safetensors") from None
-  return torch
-
-
 def _read_torch(path):
-  torch = _import_torch(path)
-  try:
-    content = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # torch raises several types for a file it cannot read
-    raise TesseraxError(f"{path}: not a PyTorch file of tensors ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+  torch = weights.import_torch(path)
+  content = weights.torch_load(path)
+  if not isinstance(content, dict):
+    raise TesseraxError(f"{path} holds a {type(content).__name__}, not a dict of tensors")
 
   def to_numpy(value):
     if isinstance(value, dict):

@@ -1,16 +1,19 @@
 """Configs: loading a recipe file, command-line overrides and the workdir's config.json.
 
-A recipe is a Python file with `get_config(arg=None)` returning an ml_collections.ConfigDict
-(configs/*.py). `config.task` names the task (training/task.py) that trains it;
-`config.evals.NAME = {type, every_steps, ...}` its periodic evaluators (eval/evaluators.py).
+A recipe is a Python file (configs/*.py) with `get_config()` returning an
+ml_collections.ConfigDict, and `get_config(arg)` for each argument in its `ARGS` (`NAME:ARG`;
+no argument when it has no ARGS). `config.task` names the task (training/task.py) that trains
+it; `config.evals.NAME = {type, every_steps, ...}` its periodic evaluators (eval/evaluators.py).
 `--config.a.b=VALUE` overrides an existing key; VALUE is parsed as a Python
 literal when it is one (numbers, booleans, tuples), else taken as a string. An unknown key or a
-value of the wrong type is refused with a one-line error.
+value of the wrong type is refused with a one-line error, and `validate` refuses values that
+make no sense (RULES) before a run creates anything.
 """
 import ast
 import copy
 import importlib.util
 import json
+import math
 import os
 
 import ml_collections
@@ -52,7 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 def resolve_path(name: str) -> str:
   """A config path, or the name of a file in the packaged configs/ folder."""
-  for candidate in (name, os.path.join(CONFIGS_DIR, name), os.path.join(CONFIGS_DIR, name + ".py")):
+  packaged = os.path.join(CONFIGS_DIR, name)
+  for candidate in (name, packaged, packaged + ".py"):
     if os.path.isfile(candidate):
       return candidate
   available = sorted(f[:-3] for f in os.listdir(CONFIGS_DIR) if f.endswith(".py") and f[0] != "_")
@@ -60,13 +64,18 @@ def resolve_path(name: str) -> str:
 
 
 def load(spec: str) -> ml_collections.ConfigDict:
-  """Load `path[:arg]` and call its get_config(arg)."""
-  path, _, arg = spec.partition(":")
-  path = resolve_path(path)
-  module_spec = importlib.util.spec_from_file_location("tesserax_config", path)
+  """Load `path[:arg]` and call its get_config(arg); `arg` must be one of the recipe's ARGS."""
+  name, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("tesserax_config", resolve_path(name))
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  if not arg:
+    return module.get_config()
+  known = getattr(module, "ARGS", ())
+  if arg not in known:
+    takes = f"takes {' or '.join(known)}" if known else "takes no argument"
+    raise TesseraxError(f"config {name} has no argument {arg!r}; it {takes}")
+  return module.get_config(arg)
 
 
 def upgrade(saved: dict) -> dict:
@@ -92,10 +101,26 @@ def upgrade(saved: dict) -> dict:
   return config
 
 
+def _read_saved(path: str) -> dict:
+  """A workdir's config.json, upgraded; a damaged one is refused in one line."""
+  fix = "restore it (it records the run's config) or use a new --workdir"
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except ValueError as e:  # not JSON, or not text
+    raise TesseraxError(f"{path} is not valid JSON ({e}); {fix}") from None
+  if not isinstance(saved, dict):
+    raise TesseraxError(f"{path} holds a JSON {type(saved).__name__}, not a config object; {fix}")
+  try:
+    return upgrade(saved)
+  except (KeyError, TypeError, AttributeError) as e:
+    raise TesseraxError(f"{path} is not a tesserax config ({type(e).__name__}: {e}); "
+                        f"{fix}") from None
+
+
 def from_json(path: str) -> ml_collections.ConfigDict:
   """The (upgraded) config of a workdir's config.json."""
-  with open(path) as f:
-    return ml_collections.ConfigDict(upgrade(json.load(f)))
+  return ml_collections.ConfigDict(_read_saved(path))
 
 
 def _parse_value(text: str):
@@ -132,6 +157,102 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict,
                           f"{type(old).__name__}") from None
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _integer(low):
+  return lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+def _is_number(x):
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _number(ok):
+  return lambda x: _is_number(x) and ok(x)
+
+
+def _interval(x):
+  return (isinstance(x, (tuple, list)) and len(x) == 2 and all(map(_is_number, x))
+          and 0 <= x[0] < x[1] <= 1)
+
+
+# (key, the rule as a person reads it, its check). `*` is every entry at that level; a key a
+# recipe does not have is skipped. An interval of 0 steps turns the periodic action off.
+RULES = (
+    ("num_steps", "a positive integer", _integer(1)),
+    ("batch_size", "a positive integer", _integer(1)),
+    ("log_every_steps", "a positive integer", _integer(1)),
+    ("ema_decay", "a number in [0, 1]", _number(lambda x: 0 <= x <= 1)),
+    ("model.dtype", "one of " + ", ".join(DTYPES), lambda x: x in DTYPES),
+    ("optim.lr", "a number > 0", _number(lambda x: x > 0)),
+    ("optim.warmup_steps", "an integer >= 0", _integer(0)),
+    ("optim.schedule", "constant or cosine", lambda x: x in ("constant", "cosine")),
+    ("optim.grad_clip", "a number >= 0 (0: no clipping)", _number(lambda x: x >= 0)),
+    ("checkpoint.every_steps", "a positive integer", _integer(1)),
+    ("checkpoint.keep", "a positive integer", _integer(1)),
+    ("checkpoint.keep_every", "an integer >= 0 (0: none)", _integer(0)),
+    ("sample.every_steps", "an integer >= 0 (0: off)", _integer(0)),
+    ("sample.num_per_class", "a positive integer", _integer(1)),
+    ("sample.num_steps", "a positive integer", _integer(1)),
+    ("sample.shift", "a number > 0", _number(lambda x: x > 0)),
+    ("sample.cfg_scale", "a number >= 0 (1: no guidance)", _number(lambda x: x >= 0)),
+    ("sample.interval", "(lo, hi) with 0 <= lo < hi <= 1", _interval),
+    ("sample.guided_channels", "None or a positive integer",
+     lambda x: x is None or _integer(1)(x)),
+    ("evals.*.every_steps", "an integer >= 0 (0: off)", _integer(0)),
+    ("evals.*.num_samples", "a positive integer", _integer(1)),
+    ("evals.*.batch_size", "a positive integer", _integer(1)),
+)
+# A GAN tokenizer's discriminator optimizer (configs/digits_kl.py) follows the same rules.
+RULES += tuple(("disc_" + key, rule, ok) for key, rule, ok in RULES if key.startswith("optim."))
+
+
+def _values(config, key: str, prefix: str = ""):
+  """(dotted key, value) of every entry `key` names in `config` (`*`: each child)."""
+  head, _, rest = key.partition(".")
+  names = list(config.keys()) if head == "*" else [head] if head in config else []
+  for name in names:
+    if not rest:
+      yield prefix + name, config[name]
+    elif isinstance(config[name], ml_collections.ConfigDict):
+      yield from _values(config[name], rest, f"{prefix}{name}.")
+
+
+def _check(config, prefix: str, label: str) -> None:
+  for key, rule, ok in RULES:
+    if key.startswith(prefix):
+      for name, value in _values(config, key[len(prefix):], prefix):
+        if not ok(value):
+          raise TesseraxError(f"{label}{name}={value!r}: must be {rule}")
+
+
+def validate_sample(settings: ml_collections.ConfigDict) -> None:
+  """Refuse sample settings (a `sample` section, e.g. the sample command's) that break one of
+  the `sample.*` RULES, in one line."""
+  _check(settings, "sample.", "")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
+             num_processes: int | None = None) -> None:
+  """Refuse, in one line naming the key and the rule, a config that breaks one of RULES, or
+  whose batch_size the mesh's ("data", "fsdp") devices or the processes do not divide.
+  Default device and process counts: jax's."""
+  _check(config, "", "config ")
+  import jax
+  from tesserax.core import sharding
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  num_processes = jax.process_count() if num_processes is None else num_processes
+  data, fsdp, _ = sharding.mesh_shape(config.mesh, num_devices)
+  batch = config.batch_size
+  if batch % (data * fsdp):
+    raise TesseraxError(f"config batch_size={batch}: must be divisible by the {data * fsdp} batch "
+                        f"shards of the mesh (data {data} x fsdp {fsdp} on {num_devices} devices)")
+  if batch % num_processes:
+    raise TesseraxError(f"config batch_size={batch}: must be divisible by the {num_processes} "
+                        "processes")
+
+
 def _flatten(tree, prefix=""):
   out = {}
   for key, value in tree.items():
@@ -154,9 +275,7 @@ def check_or_write_workdir_config(config: ml_collections.ConfigDict, workdir: st
   path = os.path.join(workdir, "config.json")
   current = json.loads(config.to_json())
   if os.path.exists(path):
-    with open(path) as f:
-      saved = upgrade(json.load(f))
-    a, b = _flatten(saved), _flatten(current)
+    a, b = _flatten(_read_saved(path)), _flatten(current)
     # An option added since the workdir was written, at its off value, changes nothing.
     added_off = lambda k: (k not in a and b[k] in (False, None)) or (k not in b and
                                                                      a[k] in (False, None))

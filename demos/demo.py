@@ -6,7 +6,9 @@ Writes to the workdir, next to the trainer's own files:
                     (the digits train split scored the same way);
   nfe_sweep.png     FID-digits and accuracy against NFE for Euler and Heun.
 Every setting samples the same labels from the same noise. Heun takes 2 NFE per step (the
-correction is also applied on the last step), so it has no 1-NFE entry.
+correction is also applied on the last step), so it has no 1-NFE entry. Every output file is
+complete or absent (core/files.py). A preempted demo (SIGTERM) stops after the trainer's
+checkpoint, scores nothing and says how to resume.
 """
 import json
 import os
@@ -16,6 +18,7 @@ import ml_collections
 import numpy as np
 
 import tesserax.tasks  # noqa: F401  (registers the built-in tasks)
+from tesserax.core import files
 from tesserax.core.errors import TesseraxError
 from tesserax.eval import evaluators
 from tesserax.training import loop
@@ -30,12 +33,27 @@ def solver_steps(solver: str, nfe: int):
   return nfe // 2 if nfe % 2 == 0 else None
 
 
-def run(config, workdir: str) -> dict:
+def _train(config, workdir: str):
+  """loop.train, or None after a preemption (the trainer saved its checkpoint)."""
   task, state = loop.train(config, workdir)
-  return evaluate(task, state["ema"], workdir)
+  step = int(jax.device_get(state["step"]))
+  if step < config.num_steps:
+    print(f"demo stopped at step {step}/{config.num_steps} (checkpoint saved); run the same "
+          "`tesserax demo` command again to resume")
+    return None
+  return task, state
 
 
-def run_latent(tokenizer_config, generator_config, workdir: str) -> dict:
+def run(config, workdir: str) -> dict | None:
+  """Train (or resume) and score the digits DiT; None if preempted before the end."""
+  trained = _train(config, workdir)
+  if trained is None:
+    return None
+  task, state = trained
+  return evaluate(task, state["ema"], workdir, step=int(jax.device_get(state["step"])))
+
+
+def run_latent(tokenizer_config, generator_config, workdir: str) -> dict | None:
   """`tesserax demo --latent`: the digits tokenizer, its latent cache and a latent DiT.
 
   WORKDIR/tokenizer_run  the KL autoencoder's training workdir; its EMA tokenizer is exported
@@ -44,17 +62,22 @@ def run_latent(tokenizer_config, generator_config, workdir: str) -> dict:
                          and FID-digits of the test split's reconstructions);
   WORKDIR/cache          the train split encoded by it (`tesserax data encode`);
   WORKDIR/generator      the latent DiT's workdir, evaluated as `run` does (samples decoded).
-  Each stage resumes or is skipped when its output exists.
+  Each stage resumes or is skipped when its output exists. None if preempted.
   """
+  from tesserax.core import config as config_lib
   from tesserax.tokenizers import cache_encoder
+  for config in (tokenizer_config, generator_config):  # both before minutes of training
+    config_lib.validate(config)
   tokenizer_workdir = os.path.join(workdir, "tokenizer_run")
-  task, state = loop.train(tokenizer_config, tokenizer_workdir)
+  trained = _train(tokenizer_config, tokenizer_workdir)
+  if trained is None:
+    return None
+  task, state = trained
   recon = evaluators.build("recon", tokenizer_config, task.predict).evaluate(state["ema"])
   loop.save_sample_grid(task, state["ema"], os.path.join(tokenizer_workdir,
                                                          "reconstructions.png"))
   if jax.process_index() == 0:
-    with open(os.path.join(tokenizer_workdir, "recon_metrics.json"), "w") as f:
-      json.dump(recon, f, indent=2)
+    _write_json(os.path.join(tokenizer_workdir, "recon_metrics.json"), recon)
   print(f"tokenizer: test-split reconstructions PSNR {recon['psnr']:.2f} dB, FID-digits "
         f"{recon['fid']:.3f}")
   cache = os.path.join(workdir, "cache")
@@ -62,7 +85,7 @@ def run_latent(tokenizer_config, generator_config, workdir: str) -> dict:
                        cache)
   generator_config.data.data_dir = cache
   results = run(generator_config, os.path.join(workdir, "generator"))
-  return {"tokenizer": recon, "generator": results}
+  return None if results is None else {"tokenizer": recon, "generator": results}
 
 
 def sweep_settings(solver: str, steps: int, cfg_scale: float) -> ml_collections.ConfigDict:
@@ -72,7 +95,8 @@ def sweep_settings(solver: str, steps: int, cfg_scale: float) -> ml_collections.
       guided_channels=None, final_correction=True))
 
 
-def evaluate(task, params, workdir: str) -> dict:
+def evaluate(task, params, workdir: str, step: int) -> dict:
+  """Score `params` (of training step `step`) at every sampler and NFE; write the outputs."""
   from tesserax.data import pipeline
   from tesserax.eval.grid import save_grid
   c = task.config
@@ -82,7 +106,7 @@ def evaluate(task, params, workdir: str) -> dict:
   train_images, train_labels = pipeline.load_split(image_data, "train")
   results = {"floor": score(train_images, train_labels),
              "num_samples": digits.num_samples, "cfg_scale": c.demo.cfg_scale,
-             "step": _last_logged_step(workdir)}
+             "step": step}
   labels = np.arange(digits.num_samples, dtype=np.int32) % c.model.num_classes
   key = jax.random.PRNGKey(c.seed + 1)
   grid_images = None
@@ -103,25 +127,21 @@ def evaluate(task, params, workdir: str) -> dict:
     per_class = min(10, digits.num_samples // c.model.num_classes)
     order = np.concatenate([np.flatnonzero(labels == k)[:per_class]
                             for k in range(c.model.num_classes)])
-    save_grid(os.path.join(workdir, "samples_grid.png"), grid_images[order], nrow=per_class,
-              upscale=max(1, 64 // image_data.resolution))
-    _plot_sweep(results, os.path.join(workdir, "nfe_sweep.png"))
-    with open(os.path.join(workdir, "metrics.json"), "w") as f:
-      json.dump(results, f, indent=2)
+    with files.atomic_output(os.path.join(workdir, "samples_grid.png")) as tmp:
+      save_grid(tmp, grid_images[order], nrow=per_class,
+                upscale=max(1, 64 // image_data.resolution))
+    with files.atomic_output(os.path.join(workdir, "nfe_sweep.png")) as tmp:
+      _plot_sweep(results, tmp)
+    _write_json(os.path.join(workdir, "metrics.json"), results)
     print(f"real-data floor (train vs test): FID-digits {results['floor']['fid']:.3f}, "
           f"accuracy {results['floor']['accuracy']:.3f}")
     print(f"wrote {workdir}/metrics.json, samples_grid.png and nfe_sweep.png")
   return results
 
 
-def _last_logged_step(workdir):
-  """The training step the evaluated parameters belong to (from the workdir's metrics)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return 0
-  with open(path) as f:
-    steps = [json.loads(line)["step"] for line in f if line.strip()]
-  return max(steps, default=0)
+def _write_json(path: str, results: dict) -> None:
+  with files.atomic_output(path) as tmp, open(tmp, "w") as f:
+    json.dump(results, f, indent=2)
 
 
 def _print_row(solver, nfe, metrics):
@@ -162,28 +182,39 @@ def _plot_sweep(results, path):
       for x, y in points:
         draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colors[s])
       draw.text((x0 + width - margin - 50, margin + 8 + 14 * SOLVERS.index(s)), s, fill=colors[s])
-  image.save(path)
+  image.save(path, format="PNG")
 
 
 def evaluate_samples_file(path: str, metrics) -> dict:
   """Score an ADM-style samples .npz (arr_0 uint8 NHWC, arr_1 labels) on the digits metrics."""
+  from tesserax.data.digits import NUM_CLASSES
   from tesserax.data.preprocess import to_model_range
   known = ("fid_digits", "accuracy")
   unknown = [m for m in metrics if m not in known]
   if unknown:
     raise TesseraxError(f"unknown metric {unknown[0]!r}; available here: {', '.join(known)}")
-  if not os.path.isfile(path):
-    raise TesseraxError(f"samples file not found: {path}")
-  with np.load(path) as data:
-    if "arr_0" not in data:
+  from tesserax.core.files import read_npz
+
+  def arrays(names):
+    if "arr_0" not in names:
       raise TesseraxError(f"{path} has no arr_0 (uint8 NHWC images)")
-    images = data["arr_0"]
-    labels = data["arr_1"] if "arr_1" in data else None
+    return [n for n in ("arr_0", "arr_1") if n in names]
+
+  data = read_npz(path, "samples file", arrays)
+  images, labels = data["arr_0"], data.get("arr_1")
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != images.shape[2]:
     raise TesseraxError(f"{path}: arr_0 must be uint8 [N, R, R, C], got {images.dtype} "
                         f"{list(images.shape)}")
-  if "accuracy" in metrics and labels is None:
-    raise TesseraxError(f"{path} has no arr_1 labels, needed for accuracy")
+  if "accuracy" in metrics:
+    if labels is None:
+      raise TesseraxError(f"{path} has no arr_1 labels, needed for accuracy")
+    if labels.dtype.kind not in "iu" or labels.shape != (len(images),):
+      raise TesseraxError(f"{path}: arr_1 must be {len(images)} integer labels, got "
+                          f"{labels.dtype} {list(labels.shape)}")
+    outside = labels[(labels < 0) | (labels >= NUM_CLASSES)]
+    if outside.size:
+      raise TesseraxError(f"{path}: arr_1 labels must be digit classes in [0, {NUM_CLASSES}); "
+                          f"{outside.size} of {labels.size} are not (e.g. {outside[0]})")
   score = evaluators.digits_scorer(images.shape[1])
   scores = score(to_model_range(images),
                  labels if labels is not None else np.zeros(len(images), np.int32))

@@ -7,14 +7,13 @@ Keys: `arr_0` uint8 [N, H, W, 3] images (only precision/recall uses them; ADM sh
 the float64 mean and the unbiased (N - 1) covariance, as np.cov.
 """
 import os
-import pathlib
-import zipfile
 
 import numpy as np
 
 from tesserax.backbones import weights
 from tesserax.backbones.inception import POOL_DIM, SPATIAL_DIM
 from tesserax.core.errors import TesseraxError
+from tesserax.core.files import atomic_output, one_line, read_npz
 from tesserax.eval import metrics as metrics_lib
 
 DINOV2_DIM = 1024
@@ -39,24 +38,22 @@ def _check(name, key, value):
 
 def load(path, metrics=("fid", "sfid", "is", "pr")) -> dict:
   """The reference arrays that `metrics` need, checked: {key: array}, statistics float64."""
-  path = pathlib.Path(path)
-  if not path.exists():
-    raise TesseraxError(f"reference file {path} does not exist")
   metrics = metrics_lib.check_metrics(metrics, metrics_lib.GENERATION_METRICS)
-  try:
-    npz = np.load(path)
-  except (OSError, ValueError, zipfile.BadZipFile) as e:
-    raise TesseraxError(f"{path} is not an .npz file: {e}") from None
-  ref = {}
-  with npz:
+
+  def needed(names):
     for metric in metrics:
       for key in metrics_lib.REFERENCE_KEYS[metric]:
-        if key not in npz.files:
+        if key not in names:
           raise TesseraxError(f"{path}: metric {metric!r} needs key {key!r}, which the file "
-                              f"lacks (it has {', '.join(npz.files)})")
-        value = npz[key]
-        ref[key] = value if key == "arr_0" else value.astype(np.float64)
-        _check(path, key, ref[key])
+                              f"lacks (it has {', '.join(names)})")
+    return list(dict.fromkeys(key for metric in metrics  # in order: one check order
+                              for key in metrics_lib.REFERENCE_KEYS[metric]))
+
+  ref = read_npz(path, "reference file", needed)
+  for key, value in ref.items():
+    if key != "arr_0":
+      ref[key] = value.astype(np.float64)
+    _check(path, key, ref[key])
   return ref
 
 
@@ -67,12 +64,9 @@ def save(path, ref: dict):
     raise TesseraxError(f"unknown reference keys {sorted(unknown)}")
   for key, value in ref.items():
     _check(path, key, np.asarray(value))
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-  with open(tmp, "wb") as f:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with atomic_output(path) as tmp, open(tmp, "wb") as f:
     np.savez(f, **ref)
-  os.replace(tmp, path)
 
 
 def compute(images, *, inception=None, dinov2=None, keep_images=10000, mode="adm",
@@ -102,22 +96,36 @@ def compute(images, *, inception=None, dinov2=None, keep_images=10000, mode="adm
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def read_images(path) -> np.ndarray:
-  """uint8 NHWC images from an ADM-style .npz (`arr_0`) or a folder of PNG/JPEG files (sorted
-  by name, all of one size)."""
+def read_image(path) -> np.ndarray:
+  """uint8 RGB [H, W, 3] of a PNG/JPEG file; one TesseraxError if it cannot be decoded."""
   from PIL import Image
+  try:
+    with Image.open(path) as image:
+      return np.asarray(image.convert("RGB"))
+  except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+    raise TesseraxError(f"image {path} is truncated or corrupt ({one_line(e)})") from None
+
+
+def read_images(path) -> np.ndarray:
+  """uint8 NHWC RGB images from an ADM-style .npz (`arr_0`) or a folder of PNG/JPEG files
+  (sorted by name, all of one size); an empty set is refused."""
   if os.path.isdir(path):
     names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_SUFFIXES))
     if not names:
       raise TesseraxError(f"no PNG/JPEG images in {path}")
-    images = [np.asarray(Image.open(os.path.join(path, n)).convert("RGB")) for n in names]
+    images = [read_image(os.path.join(path, n)) for n in names]
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
       raise TesseraxError(f"images in {path} differ in size: {sorted(shapes)[:3]}")
     return np.stack(images)
-  if not os.path.isfile(path):
-    raise TesseraxError(f"samples not found: {path}")
-  with np.load(path) as data:
-    if "arr_0" not in data:
+
+  def arr_0(names):
+    if "arr_0" not in names:
       raise TesseraxError(f"{path} has no arr_0 (the images)")
-    return data["arr_0"]
+    return ["arr_0"]
+
+  images = read_npz(path, "image batch", arr_0)["arr_0"]
+  _check(path, "arr_0", images)
+  if not len(images):
+    raise TesseraxError(f"{path} holds no images (its arr_0 is empty)")
+  return images

@@ -59,13 +59,14 @@ class FeatureStats:
   @property
   def mean(self):
     if self.count < 1:
-      raise TesseraxError("FeatureStats has no features yet")
+      raise TesseraxError("no features to average: the set of images is empty")
     return self._mean
 
   @property
   def cov(self):
     if self.count < 2:
-      raise TesseraxError(f"covariance needs at least 2 features, have {self.count}")
+      raise TesseraxError(f"a covariance needs the features of at least 2 images, got "
+                          f"{self.count}")
     return self._m2 / (self.count - 1)
 
 

@@ -1,3 +1,3 @@
 """Layer 4: training objectives, one file each, registered by name (objectives/context.py has
 the contract)."""
-from tesserax.objectives import ddpm, rectified_flow  # registers the built-in objectives
+from tesserax.objectives import ddpm, meanflow, rectified_flow  # registers the objectives

@@ -1,3 +1,3 @@
 """Layer 3: samplers over plain functions (solvers, time grids, guidance, DDPM/DDIM), each
 registered under its `config.sample.solver` name with the prediction kind it consumes."""
-from tesserax.sampling import ddpm_sampler, multistep, sample  # registers the samplers
+from tesserax.sampling import ddpm_sampler, flow_map, multistep, sample  # registers samplers

@@ -26,6 +26,18 @@ def tiny_config(digits_data_dir):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _compile_once(tmp_path_factory):
+  """The many runs of the tiny recipes build the same programs: compile each once for the
+  whole session (both xdist workers), through jax's persistent compilation cache."""
+  import jax
+  cache = tmp_path_factory.getbasetemp().parent / "xla_cache"
+  cache.mkdir(exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(cache))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _cache_dir(tmp_path_factory):
   """One cache (the digits feature network) for the whole session, outside $HOME."""
   os.environ["TESSERAX_CACHE"] = str(tmp_path_factory.mktemp("cache"))

@@ -149,7 +149,8 @@ def test_nan_guard_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_c
   tiny_config.num_steps = 6
   tiny_config.log_every_steps = 1
   tiny_config.checkpoint.every_steps = 1
-  with pytest.raises(TesseraxError, match=r"non-finite loss or gradients at step 1\b"):
+  # The second step is the first non-finite one: the progress line's "step 2".
+  with pytest.raises(TesseraxError, match=r"non-finite loss or gradients at step 2\b"):
     loop.train(tiny_config, str(tmp_path), log=lambda _: None)
   state = _state_of(str(tmp_path))
   assert int(state["step"]) == 1

@@ -23,9 +23,11 @@ A tokenizer directory holds
                     hold a KL autoencoder.
   latent_stats.npz  {"mean", "std"} float32 [latent channels] of a continuous tokenizer: latents
                     are normalised as (z - mean) / std (absent for discrete tokenizers)
-  params.npz        the parameters under flat dotted keys ("encoder.conv_in.kernel"), written
-                    last and atomically: its presence marks a complete directory
+  params.npz        the parameters under flat dotted keys ("encoder.conv_in.kernel"), put in
+                    place last: its presence marks a complete directory
+Malformed files are refused in one line naming the file.
 """
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -41,6 +43,7 @@ from flax import nnx
 from tesserax.backbones import weights
 from tesserax.core import registry, sharding
 from tesserax.core.errors import TesseraxError
+from tesserax.core.files import atomic_output, one_line, read_npz
 
 CONFIG_FILE = "config.json"
 STATS_FILE = "latent_stats.npz"
@@ -71,18 +74,27 @@ def flat_params(model) -> dict:
 def save(directory, kind: str, family: str, config, params: dict, stats=None) -> str:
   """Writes a tokenizer directory: `config` the network's ConfigDict, `params` flat (see
   `flat_params`), `stats` {"mean", "std"} [latent channels] (None for a discrete tokenizer).
-  Returns the absolute directory."""
+
+  Every file is written under a temporary name first, so a failure leaves the directory as it
+  was. Then an old params.npz is removed and the new files are renamed into place, params.npz
+  last: a process killed in between leaves a directory without params.npz, which is refused,
+  never old parameters with new statistics. Returns the absolute directory."""
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
-  if stats is not None:
-    np.savez(os.path.join(directory, STATS_FILE),
-             **{k: np.asarray(stats[k], np.float32) for k in ("mean", "std")})
-  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-    json.dump({"kind": kind, "tokenizer": family, "model": config.to_dict()}, f, indent=2)
   path = os.path.join(directory, PARAMS_FILE)
-  with open(path + ".tmp", "wb") as f:
-    np.savez(f, **params)
-  os.replace(path + ".tmp", path)
+  with contextlib.ExitStack() as renames:  # renamed on exit, last in first out
+    names = [PARAMS_FILE, CONFIG_FILE] + ([STATS_FILE] if stats is not None else [])
+    tmp = {name: renames.enter_context(atomic_output(os.path.join(directory, name)))
+           for name in names}
+    with open(tmp[PARAMS_FILE], "wb") as f:
+      np.savez(f, **params)
+    with open(tmp[CONFIG_FILE], "w") as f:
+      json.dump({"kind": kind, "tokenizer": family, "model": config.to_dict()}, f, indent=2)
+    if stats is not None:
+      with open(tmp[STATS_FILE], "wb") as f:
+        np.savez(f, **{k: np.asarray(stats[k], np.float32) for k in ("mean", "std")})
+    if os.path.exists(path):
+      os.remove(path)
   return directory
 
 
@@ -93,8 +105,16 @@ def read_config(directory) -> dict:
   if not all(os.path.exists(os.path.join(directory, f)) for f in (CONFIG_FILE, PARAMS_FILE)):
     raise TesseraxError(f"{directory} is not a tokenizer directory (no {PARAMS_FILE}/"
                         f"{CONFIG_FILE})")
-  with open(os.path.join(directory, CONFIG_FILE)) as f:
-    meta = json.load(f)
+  path = os.path.join(directory, CONFIG_FILE)
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    raise TesseraxError(f"{path} is not JSON ({one_line(e)})") from None
+  if not (isinstance(meta, dict) and isinstance(meta.get("kind"), str)
+          and isinstance(meta.get("model"), dict)):
+    raise TesseraxError(f"{path} is not a tokenizer config: it needs \"kind\" (a string) and "
+                        "\"model\" (the network config)")
   return {"kind": meta["kind"], "tokenizer": meta.get("tokenizer", _UNNAMED_FAMILY),
           "model": ml_collections.ConfigDict(meta["model"])}
 
@@ -167,17 +187,37 @@ def load(directory) -> Tokenizer:
   path = os.path.join(directory, PARAMS_FILE)
   with open(path, "rb") as f:
     digest = hashlib.file_digest(f, "sha256").hexdigest()
-  with np.load(path) as f:
-    params = dict(f)
-  model = weights.with_params(lambda: network(meta["model"], rngs=nnx.Rngs(0)), params,
-                              source=path)
+  params = read_npz(path, "tokenizer parameters")
+  try:
+    model = weights.with_params(lambda: network(meta["model"], rngs=nnx.Rngs(0)), params,
+                                source=path)
+  except (AttributeError, KeyError, TypeError) as e:  # a key or value the network lacks
+    raise TesseraxError(f"{os.path.join(directory, CONFIG_FILE)}: its model config does not "
+                        f"build a {meta['tokenizer']} network ({one_line(e)})") from None
   stats = None
   if not model.is_discrete:
     stats_path = os.path.join(directory, STATS_FILE)
     if not os.path.exists(stats_path):
       raise TesseraxError(f"{directory} holds a continuous tokenizer without {STATS_FILE}, the "
                           "latent statistics (mean, std per channel)")
-    with np.load(stats_path) as f:
-      stats = {k: f[k] for k in ("mean", "std")}
+    stats = _read_stats(stats_path, model.latent_shape[-1])
   return Tokenizer(model, stats, meta["kind"], meta["tokenizer"], meta["model"], directory,
                    digest)
+
+
+def _read_stats(path, channels) -> dict:
+  """{"mean", "std"} float32 [channels] of a latent_stats.npz, checked."""
+  def mean_std(names):
+    missing = [k for k in ("mean", "std") if k not in names]
+    if missing:
+      raise TesseraxError(f"{path} lacks {' and '.join(missing)} (it has {', '.join(names)})")
+    return ("mean", "std")
+
+  stats = read_npz(path, "latent statistics", mean_std)
+  for key, value in stats.items():
+    if value.shape != (channels,) or not np.issubdtype(value.dtype, np.floating):
+      raise TesseraxError(f"{path}: {key} is {value.dtype} {value.shape}; expected floats "
+                          f"[{channels}], one per latent channel")
+  if not (np.all(np.isfinite(stats["mean"])) and np.all(stats["std"] > 0)):
+    raise TesseraxError(f"{path}: mean must be finite and std positive")
+  return stats

@@ -2,9 +2,10 @@
 
 The task (training/task.py, chosen by `config.task`) builds the train state from shapes and
 initialises it directly into its shardings, and compiles the step with the state donated. The
-loop resumes (the workdir's latest checkpoint, then --init_from, then scratch) and runs the
-steps with metrics, the progress line, sample grids, periodic evaluators (eval/evaluators.py),
-checkpoints, the NaN/Inf guard and SIGTERM handling; a finished run calls the task's export.
+loop takes the workdir's lock (core/workdir.py), resumes (the workdir's newest intact
+checkpoint, then --init_from, then scratch) and runs the steps with metrics, the progress line,
+sample grids, periodic evaluators (eval/evaluators.py), checkpoints, the NaN/Inf guard and
+SIGTERM handling; a finished run calls the task's export.
 """
 import json
 import os
@@ -13,11 +14,27 @@ import time
 
 import jax
 
-from tesserax.core import checkpoint, config as config_lib, sharding
+from tesserax.core import checkpoint, config as config_lib, files, sharding
+from tesserax.core import workdir as workdir_lib
 from tesserax.core.errors import TesseraxError
 from tesserax.data import pipeline
 from tesserax.eval import evaluators as evaluators_lib
 from tesserax.training import task as task_lib
+
+
+def _records(path: str) -> list:
+  """(line, record) of each line of a metrics.jsonl. A torn last line (a run killed while
+  writing it) is dropped; a damaged line before it is refused."""
+  with open(path) as f:
+    lines = [line.rstrip("\n") for line in f if line.strip()]
+  records = []
+  for i, line in enumerate(lines):
+    try:
+      records.append((line, json.loads(line)))
+    except ValueError:
+      if i < len(lines) - 1:
+        raise TesseraxError(f"{path} line {i + 1} is not JSON; repair or remove it") from None
+  return records
 
 
 class MetricsLog:
@@ -30,11 +47,9 @@ class MetricsLog:
       return
     # A resumed run re-logs the steps after its checkpoint; drop their earlier lines.
     if os.path.exists(self.path):
-      with open(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-      with open(self.path + ".tmp", "w") as f:
+      kept = [line + "\n" for line, record in _records(self.path) if record["step"] <= resume_step]
+      with files.atomic_output(self.path) as tmp, open(tmp, "w") as f:
         f.writelines(kept)
-      os.replace(self.path + ".tmp", self.path)
     import tensorflow as tf  # clu's TensorBoard writer; TF must not take the accelerators
     tf.config.set_visible_devices([], "GPU")
     from clu import metric_writers
@@ -90,40 +105,74 @@ class _Preemption:
 
 
 def _check_finite(state):
+  """Stop at the first non-finite step, numbered as the progress line counts steps (the
+  state records its 0-based index)."""
   bad = int(jax.device_get(state["nonfinite_step"]))
   if bad >= 0:
-    raise TesseraxError(f"non-finite loss or gradients at step {bad}; stopping. The last good "
-                        "checkpoint is kept; lower the learning rate or enable optim.grad_clip")
+    raise TesseraxError(f"non-finite loss or gradients at step {bad + 1}; stopping. The last "
+                        "good checkpoint is kept; lower the learning rate or enable "
+                        "optim.grad_clip")
 
 
 def train(config, workdir: str, init_from: str | None = None, log=print):
-  """Train `config` in `workdir`; resumes from the workdir's latest checkpoint. Returns
-  (task, state) at the end of training."""
+  """Train `config` in `workdir`; resumes from the workdir's newest intact checkpoint. Returns
+  (task, state) at the end of training, or at the preemption's checkpoint.
+
+  Everything that can refuse the run (the config, the task, the data, the evaluators,
+  --init_from) is checked before anything is written, so a failing start leaves a new workdir
+  absent. The run then holds WORKDIR/lock (core/workdir.py) until it returns."""
   workdir = os.path.abspath(workdir)
-  is_main = jax.process_index() == 0
+  config_lib.validate(config)
   config_lib.check_or_write_workdir_config(config, workdir, write=False)
   mesh = sharding.make_mesh(config.mesh)
   task = task_lib.build(config, mesh)
   loader = pipeline.make_train_loader(config.data, config.batch_size, config.seed)
-  manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), config.checkpoint)
+  evaluators = evaluators_lib.build_all(config, task.predict)
+  directory = os.path.join(workdir, "checkpoints")
+  init = None
+  if init_from and not checkpoint.all_steps(directory, config.checkpoint):
+    init = checkpoint.restore_params(init_from, task.abstract_state, config.checkpoint, log)
+  with workdir_lib.lock(workdir):
+    state = _resume(task, loader, directory, log)
+    if state is None and init is not None:
+      state = dict(task.init(), params=init["params"], ema=init["ema"])
+      log(f"initialised params and EMA from {init_from}")
+    elif state is None:
+      state = task.init()
+    config_lib.check_or_write_workdir_config(config, workdir, write=jax.process_index() == 0)
+    state = _run(config, workdir, task, loader, evaluators, state, log)
+    if int(jax.device_get(state["step"])) == config.num_steps:
+      task.export(state, workdir, log)
+  return task, state
 
-  latest = manager.latest_step()
-  if latest is not None:
-    state, data_state = checkpoint.restore(manager, latest, task.abstract_state)
-    loader.set_state(data_state)
-    log(f"resumed from {manager.directory}/{latest}")
-  elif init_from:
-    state = task.init()
-    loaded = checkpoint.restore_params(init_from, task.abstract_state, config.checkpoint)
-    state = dict(state, params=loaded["params"], ema=loaded["ema"])
-    log(f"initialised params and EMA from {init_from}")
-  else:
-    state = task.init()
-  config_lib.check_or_write_workdir_config(config, workdir, write=is_main)
+
+def _resume(task, loader, directory: str, log):
+  """The state of the newest intact checkpoint (the loader set to its position), or None.
+  Newer corrupt checkpoints are renamed STEP.corrupt, so that their steps can be saved again."""
+  found = checkpoint.restore_newest(directory, task.abstract_state, task.config.checkpoint)
+  if found is None:
+    return None
+  step, state, data_state, corrupt = found
+  loader.set_state(data_state)
+  if corrupt:
+    moved = checkpoint.set_aside(corrupt) if jax.process_index() == 0 else []
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("tesserax: corrupt checkpoints set aside")
+    log(checkpoint.describe_fallback(corrupt, step, "resuming from")
+        + "".join(f"; moved {os.path.basename(path)} aside" for path in moved))
+  log(f"resumed from {directory}/{step}")
+  return state
+
+
+def _run(config, workdir: str, task, loader, evaluators: dict, state, log):
+  """The training steps from `state` to config.num_steps (or a preemption)."""
+  is_main = jax.process_index() == 0
+  mesh = task.mesh
+  manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), config.checkpoint)
   start = int(jax.device_get(state["step"]))
   metrics_log = MetricsLog(workdir, start)
   progress = Progress(start, config.num_steps, config.batch_size)
-  evaluators = evaluators_lib.build_all(config, task.predict)
   preemption = _Preemption()
   try:
     step = start
@@ -158,9 +207,7 @@ def train(config, workdir: str, init_from: str | None = None, log=print):
     manager.wait_until_finished()
     manager.close()
     metrics_log.close()
-  if int(jax.device_get(state["step"])) == config.num_steps:
-    task.export(state, workdir, log)
-  return task, state
+  return state
 
 
 def save_sample_grid(task, params, path: str):
@@ -168,4 +215,5 @@ def save_sample_grid(task, params, path: str):
   from tesserax.eval import grid
   images, nrow, upscale = task.sample_grid(params)
   if jax.process_index() == 0:
-    grid.save_grid(path, images, nrow=nrow, upscale=upscale)
+    with files.atomic_output(path) as tmp:  # save_grid makes the folder
+      grid.save_grid(tmp, images, nrow=nrow, upscale=upscale)

@@ -22,6 +22,8 @@ core/registry.py TASKS (tasks/ holds the built-in ones). It gives:
 import os
 from typing import Callable, Mapping, Protocol
 
+import jax
+
 from tesserax.core import checkpoint, config as config_lib, registry, sharding
 from tesserax.core.errors import TesseraxError
 
@@ -46,18 +48,21 @@ def build(config, mesh) -> Task:
   return registry.TASKS.get(config.task)(config, mesh)
 
 
-def load_workdir(workdir: str):
-  """(task, state) of the latest checkpoint of a training workdir, on all devices."""
+def load_workdir(workdir: str, log=print):
+  """(task, state) of the newest intact checkpoint of a training workdir, on all devices.
+
+  Only the state is read (not the data iterator's position). A newer corrupt checkpoint is
+  skipped with one line through `log` (process 0); with none intact, one TesseraxError."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise TesseraxError(f"not a training workdir (no config.json): {workdir}")
   config = config_lib.from_json(path)
   task = build(config, sharding.make_mesh(config.mesh))
-  manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), config.checkpoint,
-                                    read_only=True)
-  step = manager.latest_step()
-  if step is None:
-    raise TesseraxError(f"workdir has no checkpoint yet: {workdir}/checkpoints")
-  state, _ = checkpoint.restore(manager, step, task.abstract_state)
-  manager.close()
+  directory = os.path.join(workdir, "checkpoints")
+  found = checkpoint.restore_newest(directory, task.abstract_state, config.checkpoint, data=False)
+  if found is None:
+    raise TesseraxError(f"workdir has no checkpoint yet: {directory}")
+  step, state, _, corrupt = found
+  if corrupt and jax.process_index() == 0:
+    log(checkpoint.describe_fallback(corrupt, step, "using checkpoint"))
   return task, state
