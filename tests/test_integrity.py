@@ -21,6 +21,7 @@ from tesserax.core import checkpoint, config as config_lib
 from tesserax.core.errors import TesseraxError
 from tesserax.demos import demo
 from tesserax.training import loop, task as task_lib
+from test_trainer import _snapshot  # every file of a workdir with its bytes
 
 pytestmark = pytest.mark.xdist_group("integrity")
 
@@ -62,18 +63,6 @@ def _assert_trees_equal(a, b):
 def _read(path):
   with open(path) as f:
     return f.read()
-
-
-def _snapshot(workdir):
-  """Every file of a workdir with its bytes (except TensorBoard's event files)."""
-  out = {}
-  for root, _, names in os.walk(workdir):
-    for name in names:
-      path = os.path.join(root, name)
-      if "tensorboard" not in path:
-        with open(path, "rb") as f:
-          out[os.path.relpath(path, workdir)] = f.read()
-  return out
 
 
 def _run_cli(args, capsys):
