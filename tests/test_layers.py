@@ -84,6 +84,17 @@ def test_every_module_is_in_a_layer():
   assert folders - SKIPPED <= set(ALLOWED), folders - SKIPPED - set(ALLOWED)
 
 
+def test_every_package_is_installed():
+  """pyproject.toml lists every folder with an __init__.py, so `pip install .` ships it."""
+  import tomllib
+  with open(ROOT / "pyproject.toml", "rb") as f:
+    listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+  folders = {"tesserax." + ".".join(p.relative_to(ROOT).parts[:-1])
+             for p in ROOT.rglob("__init__.py") if p.parent != ROOT
+             and p.relative_to(ROOT).parts[0] != "tests" and not p.parts[-2].startswith(".")}
+  assert folders | {"tesserax"} == listed, (folders - listed, listed - folders - {"tesserax"})
+
+
 def test_module_names_are_unique_across_folders():
   by_name = collections.defaultdict(list)
   for path in package_modules():
