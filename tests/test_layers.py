@@ -31,18 +31,17 @@ ALLOWED["cli"] = set(ALLOWED)
 SKIPPED = {"tests", "benchmarks", "configs"}  # beside the layers, free to use any of them
 
 
+def package_folders():
+  """The top-level folders that are packages (not build/, *.egg-info/, .git/ ...)."""
+  return sorted(p.parent.name for p in ROOT.glob("*/__init__.py"))
+
+
 def package_modules():
   """{path: folder} of the package's modules in layered folders (cli.py is 'cli')."""
-  modules = {}
-  for path in ROOT.rglob("*.py"):
-    parts = path.relative_to(ROOT).parts
-    if parts[0] in SKIPPED or parts[0].startswith("."):
-      continue
-    if len(parts) == 1:
-      if path.name == "cli.py":
-        modules[path] = "cli"
-      continue  # the root __init__.py
-    modules[path] = parts[0]
+  modules = {ROOT / "cli.py": "cli"} if (ROOT / "cli.py").exists() else {}
+  for folder in package_folders():
+    if folder not in SKIPPED:
+      modules.update({path: folder for path in (ROOT / folder).rglob("*.py")})
   return modules
 
 
@@ -80,7 +79,7 @@ def test_imports_follow_the_layers():
 
 
 def test_every_module_is_in_a_layer():
-  folders = {p.relative_to(ROOT).parts[0] for p in ROOT.glob("*/__init__.py")}
+  folders = set(package_folders())
   assert folders - SKIPPED <= set(ALLOWED), folders - SKIPPED - set(ALLOWED)
 
 
@@ -90,8 +89,7 @@ def test_every_package_is_installed():
   with open(ROOT / "pyproject.toml", "rb") as f:
     listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
   folders = {"tesserax." + ".".join(p.relative_to(ROOT).parts[:-1])
-             for p in ROOT.rglob("__init__.py") if p.parent != ROOT
-             and p.relative_to(ROOT).parts[0] != "tests" and not p.parts[-2].startswith(".")}
+             for folder in package_folders() for p in (ROOT / folder).rglob("__init__.py")}
   assert folders | {"tesserax"} == listed, (folders - listed, listed - folders - {"tesserax"})
 
 
@@ -108,6 +106,7 @@ def test_the_checker_catches_an_upward_import(tmp_path, monkeypatch):
   """The oracle works: a data/ module importing tokenizers/ inside a function is named."""
   fake = tmp_path / "data"
   fake.mkdir()
+  (fake / "__init__.py").write_text("")
   (fake / "bad.py").write_text("def f():\n  from tesserax.tokenizers import tokenizer\n")
   monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
   assert layer_violations() == ["data/bad.py:2: data/ imports tokenizers/"]
