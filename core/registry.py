@@ -45,9 +45,6 @@ class Registry:
   def names(self) -> tuple:
     return tuple(sorted(self._entries))
 
-  def __contains__(self, name) -> bool:
-    return name in self._entries
-
 
 class Converter(NamedTuple):
   """A CONVERTERS entry: `convert(kind, src, out_dir, **options) -> out_dir` reads an official

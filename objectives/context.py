@@ -22,9 +22,6 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 
-PREDICTION_KINDS = ("velocity", "epsilon", "denoiser", "flow_map", "token_logits")
-
-
 class Context(NamedTuple):
   """What a loss sees besides the batch: the step, its random key, the EMA parameters (the
   target network of consistency training), an optional frozen teacher `(apply, params)`
@@ -37,10 +34,6 @@ class Context(NamedTuple):
 
 
 class Objective(NamedTuple):
+  """`loss` and the `predictions` by kind, the objective's own kind first."""
   loss: Callable
   predictions: Mapping[str, Callable]
-
-  @property
-  def prediction(self) -> str:
-    """The kind of prediction the network is trained to give."""
-    return next(iter(self.predictions))
