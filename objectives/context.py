@@ -24,8 +24,9 @@ import jax
 
 class Context(NamedTuple):
   """What a loss sees besides the batch: the step, its random key, the EMA parameters (the
-  target network of consistency training), an optional frozen teacher `(apply, params)`
-  (distillation, reflow) and the number of classes (the null label is `num_classes`)."""
+  target network of consistency training), an optional frozen teacher `(velocity, params)`
+  (distillation: `velocity(params, x, t, labels)` is the teacher's velocity prediction at flow
+  time t) and the number of classes (the null label is `num_classes`)."""
   step: jax.Array
   key: jax.Array
   num_classes: int

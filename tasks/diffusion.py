@@ -7,6 +7,12 @@ non-trainable buffers (pos_embed, RoPE tables) are recomputed from the config, n
 checkpointed. A model trained on a latent cache (data.name "latents" with data.data_dir) has
 its samples decoded by the cache's tokenizer; one without a cache (a converted checkpoint)
 generates normalised latents.
+
+A distillation or reflow recipe names a trained generator as its teacher
+(`config.teacher.workdir`): the objective sees it in its context as `(velocity, params)`, the
+teacher's EMA parameters and its velocity prediction, frozen. With `teacher.init_student`
+the student starts from the teacher's parameters; student leaves the teacher lacks (a second
+time input, an extra head) keep their fresh initialisation.
 """
 import functools
 import os
@@ -18,6 +24,7 @@ import optax
 from flax import nnx
 
 from tesserax.core import optim, registry, sharding, train_state
+from tesserax.core.errors import TesseraxError
 from tesserax.objectives.context import Context
 from tesserax.sampling import sample as sample_lib
 
@@ -44,6 +51,7 @@ class DiffusionTask:
     self.objective = registry.OBJECTIVES.get(config.objective.name)(config)
     names = sharding.logical_names(abstract_params)
     param_sh = sharding.param_shardings(nnx.to_pure_dict(abstract_params), names, mesh)
+    self.teacher, teacher_sh = _load_teacher(config)
     abstract_state = jax.eval_shape(self._init)
     self.state_shardings = train_state.state_shardings(abstract_state, param_sh, self.tx, mesh)
     self.abstract_state = train_state.shard_abstract(abstract_state, self.state_shardings)
@@ -54,9 +62,10 @@ class DiffusionTask:
     image_shape = (config.data.resolution, config.data.resolution, config.model.in_channels)
     batch_sh = {"image": sharding.batch_sharding(mesh, 1 + len(image_shape)),
                 "label": sharding.batch_sharding(mesh, 1)}
-    self.train_step = jax.jit(
-        self._train_step, in_shardings=(self.state_shardings, batch_sh),
-        out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+    step = jax.jit(self._train_step, in_shardings=(self.state_shardings, batch_sh, teacher_sh),
+                   out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+    teacher_params = self.teacher[1] if self.teacher else None
+    self.train_step = lambda state, batch: step(state, batch, teacher_params)
     self.predict = {"generate": self.generate}
 
   def apply(self, params, x, t, labels, *, train=False, s=None):
@@ -70,13 +79,16 @@ class DiffusionTask:
 
   def _init(self):
     model = build_network(self.config.model, self.config.seed)
-    return train_state.new_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)), self.tx,
-                                 self.config.seed)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if self.teacher and self.config.teacher.init_student:
+      params = student_from_teacher(params, self.teacher[1])
+    return train_state.new_state(params, self.tx, self.config.seed)
 
-  def _train_step(self, state, batch):
+  def _train_step(self, state, batch, teacher_params):
     c = self.config
+    teacher = (self.teacher[0], teacher_params) if self.teacher else None
     ctx = Context(step=state["step"], key=train_state.step_key(state),
-                  num_classes=c.model.num_classes, ema=state["ema"])
+                  num_classes=c.model.num_classes, ema=state["ema"], teacher=teacher)
     (loss, metrics), grads = jax.value_and_grad(
         lambda p: self.objective.loss(self.apply, p, batch, ctx), has_aux=True)(state["params"])
     grad_norm = optim.global_norm(grads)
@@ -124,3 +136,41 @@ class DiffusionTask:
 
   def export(self, state, workdir, log=print):
     del state, workdir, log  # a generator's checkpoints are its export
+
+
+def _load_teacher(config):
+  """((velocity, EMA params), their shardings) of `config.teacher.workdir`, or (None, None)."""
+  workdir = config.get("teacher", {}).get("workdir")
+  if not workdir:
+    return None, None
+  from tesserax.training import task as task_lib
+  teacher_task, teacher_state = task_lib.load_workdir(workdir)
+  predictions = teacher_task.predictions()
+  if "velocity" not in predictions:
+    raise TesseraxError(f"teacher {workdir} gives {', '.join(predictions)}; a teacher must give "
+                        "a velocity")
+  if teacher_task.config.model.num_classes != config.model.num_classes:
+    raise TesseraxError(f"teacher {workdir} has {teacher_task.config.model.num_classes} classes; "
+                        f"this model has {config.model.num_classes}")
+  teacher_sh = teacher_task.state_shardings["ema"]
+  return (predictions["velocity"], teacher_state["ema"]), teacher_sh
+
+
+def student_from_teacher(student: dict, teacher: dict) -> dict:
+  """`student` params with every leaf the teacher has replaced by the teacher's; a teacher leaf
+  the student lacks, or of another shape, means another architecture and is refused."""
+  flat_student = dict(jax.tree_util.tree_flatten_with_path(student)[0])
+  mismatched = []
+  for path, value in jax.tree_util.tree_flatten_with_path(teacher)[0]:
+    if path not in flat_student:
+      mismatched.append(f"{jax.tree_util.keystr(path)} (not in the student)")
+    elif flat_student[path].shape != value.shape:
+      mismatched.append(f"{jax.tree_util.keystr(path)} {value.shape} vs student "
+                        f"{flat_student[path].shape}")
+    else:
+      flat_student[path] = value
+  if mismatched:
+    raise TesseraxError("the teacher has another architecture than the student: "
+                        + "; ".join(mismatched[:5]) + (" ..." if len(mismatched) > 5 else ""))
+  leaves = [flat_student[path] for path, _ in jax.tree_util.tree_flatten_with_path(student)[0]]
+  return jax.tree.unflatten(jax.tree.structure(student), leaves)
