@@ -79,6 +79,17 @@ def _parser():
                     help="default workdirs/demo (workdirs/demo_latent with --latent)")
   demo.add_argument("--latent", action="store_true",
                     help="the latent pipeline: tokenizer, latent cache, latent DiT")
+  demo.add_argument("--fewstep", action="store_true",
+                    help="few-step students of the demo's DiT (demos/fewstep.py): each student "
+                         "recipe starts from the teacher; FID-digits and accuracy at 1, 2, 4 NFE "
+                         "beside the teacher's solvers at 1-32 NFE (default workdir "
+                         "workdirs/demo_fewstep)")
+  demo.add_argument("--teacher", default=None,
+                    help="with --fewstep: a finished `tesserax demo` workdir to use as the "
+                         "teacher (default: train one in WORKDIR/teacher)")
+  demo.add_argument("--students", default=None,
+                    help="with --fewstep: comma-separated student names (default: all of "
+                         "demos/fewstep.py STUDENTS)")
 
   train = sub.add_parser("train", help="train a recipe",
                          description="Train a recipe from configs/; resumes from the workdir's "
@@ -274,6 +285,16 @@ def _cmd_train(args, overrides):
 def _cmd_demo(args, overrides):
   from tesserax.core import config as config_lib
   from tesserax.demos import demo
+  if args.fewstep:
+    from tesserax.core.errors import TesseraxError
+    from tesserax.demos import fewstep
+    names = args.students.split(",") if args.students else tuple(fewstep.STUDENTS)
+    unknown = [n for n in names if n not in fewstep.STUDENTS]
+    if unknown:
+      raise TesseraxError(f"unknown student {unknown[0]!r}; known: "
+                          f"{', '.join(fewstep.STUDENTS)}")
+    fewstep.run(args.workdir or "workdirs/demo_fewstep", args.teacher, names, overrides)
+    return
   config = config_lib.load("digits_latent_dit" if args.latent else "digits_dit")
   config_lib.apply_overrides(config, overrides)
   if args.latent:

@@ -151,19 +151,28 @@ def _print_row(solver, nfe, metrics):
 
 
 def _plot_sweep(results, path):
-  """FID-digits and accuracy against NFE, drawn with PIL (no plotting dependency)."""
+  plot_nfe({s: results[s] for s in SOLVERS}, results["floor"], path)
+
+
+COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
+          (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+
+
+def plot_nfe(series: dict, floor: dict, path: str) -> None:
+  """FID-digits (log) and accuracy against NFE (log2) for each of `series` ({name: {nfe:
+  metrics}}), with the real-data `floor`, drawn with PIL (no plotting dependency)."""
   from PIL import Image, ImageDraw
   width, height, margin = 640, 300, 50
   image = Image.new("RGB", (2 * width, height), "white")
   draw = ImageDraw.Draw(image)
-  colors = {"euler": (31, 119, 180), "heun": (214, 39, 40)}
+  names = list(series)
+  nfes = sorted({int(n) for runs in series.values() for n in runs})
   for panel, (metric, label) in enumerate((("fid", "FID-digits (log)"), ("accuracy", "accuracy"))):
     x0 = panel * width
-    values = [v[metric] for s in SOLVERS for v in results[s].values()] + [results["floor"][metric]]
+    values = [v[metric] for runs in series.values() for v in runs.values()] + [floor[metric]]
     transform = np.log10 if metric == "fid" else (lambda v: v)
     lo, hi = transform(max(min(values), 1e-3)), transform(max(values))
     hi = hi if hi > lo else lo + 1
-    nfes = sorted({int(n) for s in SOLVERS for n in results[s]})
     px = lambda n: x0 + margin + (width - 2 * margin) * np.log2(n) / max(np.log2(max(nfes)), 1)
     py = lambda v: height - margin - (height - 2 * margin) * (transform(max(v, 1e-3)) - lo) / (hi - lo)
     draw.rectangle([x0 + margin, margin, x0 + width - margin, height - margin], outline="black")
@@ -172,16 +181,18 @@ def _plot_sweep(results, path):
       draw.text((x0 + 4, py(value) - 6), f"{value:.3g}", fill="black")
     for n in nfes:
       draw.text((px(n) - 4, height - margin + 8), str(n), fill="black")
-    floor_y = py(results["floor"][metric])
+    floor_y = py(floor[metric])
     draw.line([x0 + margin, floor_y, x0 + width - margin, floor_y], fill=(120, 120, 120))
     draw.text((x0 + width - margin - 90, floor_y - 14), "real-data floor", fill=(120, 120, 120))
-    for s in SOLVERS:
-      points = [(px(int(n)), py(v[metric])) for n, v in sorted(results[s].items(), key=lambda kv: int(kv[0]))]
+    for index, name in enumerate(names):
+      color = COLORS[index % len(COLORS)]
+      points = [(px(int(n)), py(v[metric]))
+                for n, v in sorted(series[name].items(), key=lambda kv: int(kv[0]))]
       if len(points) > 1:
-        draw.line(points, fill=colors[s], width=2)
+        draw.line(points, fill=color, width=2)
       for x, y in points:
-        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colors[s])
-      draw.text((x0 + width - margin - 50, margin + 8 + 14 * SOLVERS.index(s)), s, fill=colors[s])
+        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+      draw.text((x0 + width - margin - 110, margin + 8 + 14 * index), name, fill=color)
   image.save(path, format="PNG")
 
 

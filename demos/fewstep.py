@@ -1,0 +1,126 @@
+"""`tesserax demo --fewstep`: few-step students of the digits demo's rectified-flow DiT.
+
+The teacher is the pixel demo's model (configs/digits_dit.py), trained in WORKDIR/teacher
+unless `--teacher` names a finished run of it. Every student recipe in STUDENTS then starts
+from the teacher's parameters (`teacher.init_student`; leaves the teacher lacks, such as a
+second time input, start fresh), sees the teacher in its objective context where it distils,
+and trains in WORKDIR/students/NAME. All models sample the same labels from the same noise and
+are scored by the digits feature network. Writes to the workdir:
+  fewstep.json   FID-digits and class accuracy: the teacher with every flow solver at NFE
+                 1-32, each student at NFE 1, 2 and 4, and the real-data floor;
+  fewstep.png    the same figures against NFE, one curve per model and solver;
+  fewstep.md     the table.
+Each stage resumes or is skipped when its run is finished; a preempted stage stops the demo
+(its checkpoint saved) and the same command resumes it.
+"""
+import json
+import os
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+import tesserax.tasks  # noqa: F401  (registers the built-in tasks, objectives and samplers)
+from tesserax.core import config as config_lib, files
+from tesserax.demos import demo
+from tesserax.eval import evaluators
+
+TEACHER_NFE = (1, 2, 4, 8, 16, 32)
+STUDENT_NFE = (1, 2, 4)
+
+
+class Solver(NamedTuple):
+  """A sampler setting of the sweep: `solver` at `steps(nfe)` steps (None: not at that NFE)."""
+  solver: str
+  steps: object = lambda nfe: nfe
+
+
+TEACHER_SOLVERS = {
+    "euler": Solver("euler"),
+    "heun": Solver("heun", lambda nfe: nfe // 2 if nfe % 2 == 0 else None),
+    "dpm_solver_2m": Solver("dpm_solver_2m"),
+    "unipc": Solver("unipc"),
+}
+
+# name -> (recipe in configs/, its sampler)
+STUDENTS = {
+    "meanflow": ("digits_meanflow", Solver("flow_map")),
+}
+
+
+def run(workdir: str, teacher_workdir: str | None = None, students=tuple(STUDENTS),
+        overrides=None, size: str = "", teacher_nfe=TEACHER_NFE) -> dict | None:
+  """Train (or resume) the teacher and `students`, score them all; None if preempted.
+  `overrides` ({"KEY": "VALUE"}, the command's --config.KEY=VALUE) apply to every student;
+  `size` "tiny" runs every recipe at its test size."""
+  recipe = lambda name: f"{name}:{size}" if size else name
+  configs = {}
+  for name in students:
+    config = config_lib.load(recipe(STUDENTS[name][0]))
+    config_lib.apply_overrides(config, overrides or {})
+    config_lib.validate(config)
+    configs[name] = config
+  if teacher_workdir is None:
+    teacher_workdir = os.path.join(workdir, "teacher")
+    teacher_config = config_lib.load(recipe("digits_dit"))
+    if demo._train(teacher_config, teacher_workdir) is None:
+      return None
+  from tesserax.training import task as task_lib
+  teacher_task, teacher_state = task_lib.load_workdir(teacher_workdir)
+  c = teacher_task.config
+  digits = c.evals.digits
+  score = evaluators.digits_scorer(c.data.resolution)
+  labels = np.arange(digits.num_samples, dtype=np.int32) % c.model.num_classes
+  key = jax.random.PRNGKey(c.seed + 1)
+
+  def sweep(task, params, solvers, nfes, prefix):
+    for name, entry in solvers.items():
+      runs = results["models"].setdefault(prefix + name, {})
+      for nfe in nfes:
+        steps = entry.steps(nfe)
+        if steps is None:
+          continue
+        settings = demo.sweep_settings(entry.solver, steps, 1.0)
+        images = task.predict["generate"](params, labels, key, settings,
+                                          batch_size=digits.batch_size)
+        runs[str(nfe)] = score(images, labels)
+        demo._print_row(f"{prefix}{name}", nfe, runs[str(nfe)])
+
+  from tesserax.data import pipeline
+  train_images, train_labels = pipeline.load_split(pipeline.image_config(c.data), "train")
+  results = {"floor": score(train_images, train_labels), "num_samples": digits.num_samples,
+             "teacher": teacher_workdir, "models": {}}
+  sweep(teacher_task, teacher_state["ema"], TEACHER_SOLVERS, teacher_nfe, "teacher/")
+  for name, config in configs.items():
+    config.teacher = dict(workdir=os.path.abspath(teacher_workdir), init_student=True)
+    config.data.data_dir = c.data.data_dir
+    trained = demo._train(config, os.path.join(workdir, "students", name))
+    if trained is None:
+      return None
+    task, state = trained
+    sweep(task, state["ema"], {name: STUDENTS[name][1]}, STUDENT_NFE, "")
+  if jax.process_index() == 0:
+    with files.atomic_output(os.path.join(workdir, "fewstep.json")) as tmp, open(tmp, "w") as f:
+      json.dump(results, f, indent=2)
+    with files.atomic_output(os.path.join(workdir, "fewstep.png")) as tmp:
+      demo.plot_nfe(results["models"], results["floor"], tmp)
+    with files.atomic_output(os.path.join(workdir, "fewstep.md")) as tmp, open(tmp, "w") as f:
+      f.write(table(results))
+    print(table(results))
+    print(f"wrote {workdir}/fewstep.json, fewstep.png and fewstep.md")
+  return results
+
+
+def table(results: dict) -> str:
+  """A markdown table: one row per model and solver, FID-digits / accuracy per NFE."""
+  nfes = sorted({int(n) for runs in results["models"].values() for n in runs})
+  lines = ["| model | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+           "|---|" + "---|" * len(nfes)]
+  for name, runs in results["models"].items():
+    cells = [f"{runs[str(n)]['fid']:.1f} / {100 * runs[str(n)]['accuracy']:.1f}%"
+             if str(n) in runs else "–" for n in nfes]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  floor = results["floor"]
+  lines.append(f"| real-data floor | {floor['fid']:.1f} / {100 * floor['accuracy']:.1f}% |"
+               + " |" * (len(nfes) - 1))
+  return "\n".join(lines) + "\n\nCells: FID-digits / class accuracy.\n"

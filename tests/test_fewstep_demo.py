@@ -1,0 +1,44 @@
+"""`tesserax demo --fewstep` end to end at the tiny size: the teacher's solvers and every
+student at its NFE in one table, and resuming without retraining."""
+import json
+import os
+
+from PIL import Image
+
+from tesserax.demos import fewstep
+
+
+def test_fewstep_demo_scores_teacher_and_students_and_resumes(digits_data_dir, tmp_path,
+                                                              capsys, monkeypatch):
+  from tesserax.core import config as config_lib
+  load = config_lib.load
+
+  def load_here(spec):  # every recipe reads the session's digits copy
+    config = load(spec)
+    config.data.data_dir = digits_data_dir
+    return config
+
+  monkeypatch.setattr(config_lib, "load", load_here)
+  workdir = str(tmp_path / "fewstep")
+  results = fewstep.run(workdir, size="tiny", teacher_nfe=(1, 2))
+  with open(os.path.join(workdir, "fewstep.json")) as f:
+    saved = json.load(f)
+  assert saved == json.loads(json.dumps(results))
+  models = saved["models"]
+  assert sorted(models) == sorted([f"teacher/{s}" for s in fewstep.TEACHER_SOLVERS]
+                                  + list(fewstep.STUDENTS))
+  assert sorted(models["teacher/euler"], key=int) == ["1", "2"]
+  assert sorted(models["teacher/heun"], key=int) == ["2"]
+  for name in fewstep.STUDENTS:
+    assert sorted(models[name], key=int) == [str(n) for n in fewstep.STUDENT_NFE]
+  for runs in models.values():
+    for entry in runs.values():
+      assert entry["fid"] >= 0 and 0 <= entry["accuracy"] <= 1
+  with open(os.path.join(workdir, "fewstep.md")) as f:
+    assert len(f.read().splitlines()) == 2 + len(models) + 1 + 2
+  assert Image.open(os.path.join(workdir, "fewstep.png")).size == (1280, 300)
+
+  capsys.readouterr()
+  again = fewstep.run(workdir, size="tiny", teacher_nfe=(1, 2))
+  assert capsys.readouterr().out.count("resumed from") == 1 + len(fewstep.STUDENTS)
+  assert again == results
