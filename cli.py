@@ -84,6 +84,10 @@ def _parser():
                          "recipe starts from the teacher; FID-digits and accuracy at 1, 2, 4 NFE "
                          "beside the teacher's solvers at 1-32 NFE (default workdir "
                          "workdirs/demo_fewstep)")
+  demo.add_argument("--tokens", action="store_true",
+                    help="1D tokens (demos/tokens.py): digits TiToks with 4-32 tokens, their "
+                         "reconstruction PSNR / FID-digits, a token cache and a MaskGIT "
+                         "generator scored at 2-16 steps (default workdir workdirs/demo_tokens)")
   demo.add_argument("--teacher", default=None,
                     help="with --fewstep: a finished `tesserax demo` workdir to use as the "
                          "teacher (default: train one in WORKDIR/teacher)")
@@ -285,8 +289,14 @@ def _cmd_train(args, overrides):
 def _cmd_demo(args, overrides):
   from tesserax.core import config as config_lib
   from tesserax.demos import demo
+  if args.tokens:
+    if overrides:
+      raise TesseraxError("--config.* overrides do not apply to demo --tokens (it runs "
+                          "digits_titok and digits_maskgit as they are)")
+    from tesserax.demos import tokens
+    tokens.run(args.workdir or "workdirs/demo_tokens")
+    return
   if args.fewstep:
-    from tesserax.core.errors import TesseraxError
     from tesserax.demos import fewstep
     names = args.students.split(",") if args.students else tuple(fewstep.STUDENTS)
     unknown = [n for n in names if n not in fewstep.STUDENTS]
@@ -307,12 +317,18 @@ SAMPLE_DEFAULTS = dict(solver="euler", num_steps=32, shift=1.0, cfg_scale=1.0,
                        interval=(0.0, 1.0), guided_channels=None, final_correction=True)
 
 
+# Predictions over token ids: their samplers have settings of their own (sampling/
+# maskgit_decode.py, sampling/autoregressive_decode.py), not the flow defaults above.
+TOKEN_KINDS = ("token_logits", "next_token_logits")
+
+
 def _sample_settings(config, args, overrides):
   """The sample config with the command's defaults, then --sample.KEY=VALUE, then the flags
   given explicitly."""
-  from tesserax.core import config as config_lib
+  from tesserax.core import config as config_lib, registry
   settings = config.sample.copy_and_resolve_references()
-  settings.update(SAMPLE_DEFAULTS)
+  if registry.SAMPLERS.get(settings.solver).consumes not in TOKEN_KINDS:
+    settings.update(SAMPLE_DEFAULTS)  # token samplers start from the recipe's own settings
   config_lib.apply_overrides(settings, overrides, flag="sample")
   flags = {"solver": args.sampler, "num_steps": args.steps, "shift": args.shift,
            "cfg_scale": args.cfg, "guided_channels": args.guided_channels,

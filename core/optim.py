@@ -23,10 +23,12 @@ def learning_rate_schedule(optim_config, num_steps: int):
   return optax.join_schedules([optax.linear_schedule(0.0, c.lr, warmup), decay], [warmup])
 
 
-def make_optimizer(optim_config, num_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim_config, num_steps: int, mask=None) -> optax.GradientTransformation:
+  """AdamW (after global-norm clipping where `grad_clip` > 0); `mask` (a pytree of bools or a
+  function of the params giving one) selects the parameters weight decay applies to."""
   c = optim_config
   adamw = optax.adamw(learning_rate_schedule(c, num_steps), b1=c.b1, b2=c.b2, eps=c.eps,
-                      weight_decay=c.weight_decay)
+                      weight_decay=c.weight_decay, mask=mask)
   if c.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(c.grad_clip), adamw)
   return adamw

@@ -158,32 +158,38 @@ COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 10
           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
 
 
-def plot_nfe(series: dict, floor: dict, path: str) -> None:
-  """FID-digits (log) and accuracy against NFE (log2) for each of `series` ({name: {nfe:
-  metrics}}), with the real-data `floor`, drawn with PIL (no plotting dependency)."""
+PANELS = (("fid", "FID-digits (log)"), ("accuracy", "accuracy"))
+
+
+def plot_nfe(series: dict, floor: dict, path: str, panels=PANELS, xlabel: str = "NFE") -> None:
+  """One panel per (metric, label) of `panels` against `xlabel` (log2 axis) for each of
+  `series` ({name: {x: metrics}}), with the real-data `floor` where it has the metric; FID is
+  drawn on a log axis. PIL only (no plotting dependency)."""
   from PIL import Image, ImageDraw
   width, height, margin = 640, 300, 50
-  image = Image.new("RGB", (2 * width, height), "white")
+  image = Image.new("RGB", (len(panels) * width, height), "white")
   draw = ImageDraw.Draw(image)
   names = list(series)
   nfes = sorted({int(n) for runs in series.values() for n in runs})
-  for panel, (metric, label) in enumerate((("fid", "FID-digits (log)"), ("accuracy", "accuracy"))):
+  for panel, (metric, label) in enumerate(panels):
     x0 = panel * width
-    values = [v[metric] for runs in series.values() for v in runs.values()] + [floor[metric]]
+    values = [v[metric] for runs in series.values() for v in runs.values()]
+    values += [floor[metric]] if metric in floor else []
     transform = np.log10 if metric == "fid" else (lambda v: v)
     lo, hi = transform(max(min(values), 1e-3)), transform(max(values))
     hi = hi if hi > lo else lo + 1
     px = lambda n: x0 + margin + (width - 2 * margin) * np.log2(n) / max(np.log2(max(nfes)), 1)
     py = lambda v: height - margin - (height - 2 * margin) * (transform(max(v, 1e-3)) - lo) / (hi - lo)
     draw.rectangle([x0 + margin, margin, x0 + width - margin, height - margin], outline="black")
-    draw.text((x0 + margin, 15), label + " vs NFE", fill="black")
+    draw.text((x0 + margin, 15), f"{label} vs {xlabel}", fill="black")
     for value in (min(values), max(values)):
       draw.text((x0 + 4, py(value) - 6), f"{value:.3g}", fill="black")
     for n in nfes:
       draw.text((px(n) - 4, height - margin + 8), str(n), fill="black")
-    floor_y = py(floor[metric])
-    draw.line([x0 + margin, floor_y, x0 + width - margin, floor_y], fill=(120, 120, 120))
-    draw.text((x0 + width - margin - 90, floor_y - 14), "real-data floor", fill=(120, 120, 120))
+    if metric in floor:
+      floor_y = py(floor[metric])
+      draw.line([x0 + margin, floor_y, x0 + width - margin, floor_y], fill=(120, 120, 120))
+      draw.text((x0 + width - margin - 90, floor_y - 14), "real-data floor", fill=(120, 120, 120))
     for index, name in enumerate(names):
       color = COLORS[index % len(COLORS)]
       points = [(px(int(n)), py(v[metric]))

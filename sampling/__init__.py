@@ -1,3 +1,4 @@
 """Layer 3: samplers over plain functions (solvers, time grids, guidance, DDPM/DDIM), each
 registered under its `config.sample.solver` name with the prediction kind it consumes."""
 from tesserax.sampling import ddpm_sampler, flow_map, multistep, sample  # registers samplers
+from tesserax.sampling import autoregressive_decode, maskgit_decode  # registers token samplers

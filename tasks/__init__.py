@@ -7,3 +7,5 @@ import tesserax.objectives  # noqa: F401  (registers the objectives)
 import tesserax.sampling  # noqa: F401  (registers the samplers)
 import tesserax.tokenizers  # noqa: F401  (registers the tokenizers)
 from tesserax.tasks import autoencoder, diffusion  # registers the tasks
+from tesserax.tasks import token_generator  # registers the token generator task
+from tesserax.tasks import titok_task  # registers the TiTok tokenizer task

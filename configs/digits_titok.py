@@ -1,0 +1,60 @@
+"""A digits-scale TiTok: a non-legacy VQ TiTok (tokenizers/titok.py) on scikit-learn's digits
+(16x16, 1 channel), trained single-stage on CPU (tasks/titok.py).
+
+Model:     patch 4 (a 4x4 grid), encoder and decoder ViTs of width 64, 2 blocks, 2 heads;
+           `num_latent_tokens` 1D tokens (default 16; the argument "tokens=K" sets K) from an
+           l2-normalised 512-entry codebook of 8-dim codes; the non-legacy pixel head.
+Loss:      L2 + 0.1 x the digits classifier's logit MSE (standing in for TiTok's ConvNeXt-S
+           logit loss) + the VQ loss (commitment 0.25), no GAN.
+Optimizer: AdamW lr 1e-3 (TiTok: 1e-4 at batch 256 for 1M steps), betas (0.9, 0.99), weight
+           decay 1e-4 with the official exclusions, cosine to 10%, batch 32, EMA 0.998.
+
+Launch:   tesserax train --config digits_titok --workdir workdirs/digits_titok
+          (writes workdirs/digits_titok/tokenizer at the end)
+Runtime:  see README, "TiTok".
+Expected: see README, "TiTok" (PSNR of test-split reconstructions rising with the token count).
+
+`get_config("tiny")` is the test size; `get_config("tokens=8")` sets the token count.
+"""
+from tesserax.core.config import base_config
+from tesserax.tokenizers import titok
+
+ARGS = ("tiny", "tokens=4", "tokens=8", "tokens=16", "tokens=32")
+
+
+def get_config(arg=None):
+  config = base_config()
+  config.task = "titok"
+  config.seed = 0
+  config.num_steps = 1500
+  config.batch_size = 32
+  config.ema_decay = 0.998
+  config.log_every_steps = 100
+  config.data = dict(name="digits", data_dir="", manual_dir="", resolution=16, split="train",
+                     random_flip=False, num_classes=10)
+  tokens = int(arg.split("=")[1]) if arg and arg.startswith("tokens=") else 16
+  config.model = titok.titok_config(
+      "small", "small", tokens, token_size=8, quantize="vq", codebook_size=512,
+      use_l2_norm=True, legacy=False, finetune_decoder=False, resolution=16, patch_size=4,
+      channels=1, enc_width=64, enc_depth=2, enc_heads=2, dec_width=64, dec_depth=2,
+      dec_heads=2)
+  config.model.name = "titok"
+  config.loss = dict(reconstruction_weight=1.0, perceptual="digits_net", perceptual_weight=0.1,
+                     quantizer_weight=1.0, kl_weight=1e-6)
+  config.optim.update(lr=1e-3, b1=0.9, b2=0.99, weight_decay=1e-4, warmup_steps=100,
+                      schedule="cosine", end_lr_factor=0.1, grad_clip=1.0)
+  config.checkpoint.every_steps = 500
+  config.sample.every_steps = 500
+  config.evals.recon = dict(type="recon_digits", every_steps=0, split="test",
+                            num_samples=297, batch_size=297)
+  config.export = dict(num_images=297)
+  if arg == "tiny":
+    config.num_steps = 4
+    config.batch_size = 8
+    config.log_every_steps = 2
+    config.checkpoint.every_steps = 2
+    config.sample.every_steps = 0
+    config.model.update(enc_width=32, dec_width=32, enc_depth=1, dec_depth=1)
+    config.evals.recon.update(num_samples=16, batch_size=16)
+    config.export.num_images = 16
+  return config
