@@ -22,6 +22,8 @@ ARGS = ("tiny",)
 
 def get_config(arg=None):
   config = config_lib.load("digits_dit:tiny" if arg == "tiny" else "digits_dit")
+  if arg != "tiny":
+    config.num_steps = 600  # from the teacher's weights: the few-step demo's length
   config.model.update(second_time=True, time_scale=1.0)
   config.objective = dict(name="meanflow", time_mean=-0.4, time_std=1.0, data_proportion=0.75,
                           adaptive_p=1.0, adaptive_eps=0.01, cfg_omega=1.0, cfg_kappa=0.5,

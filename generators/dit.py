@@ -39,7 +39,20 @@ v = eps - x0, while its weights stay exactly the official ones.
 MeanFlow, shortcut models, CTM) through its own `s_embedder`, a copy of the t embedder:
 c = t_emb + s_emb + y_emb; s is mapped like t (time_scale, t0_noise).
 
-`remat=True` rematerialises every block in the backward pass (nnx.remat). Images are NHWC.
+`logvar_head=True` appends one output channel, constant over space: a learned log-variance
+u(t) = Linear(sinusoid(t * time_scale)), zero-initialised, the uncertainty weighting of EDM2
+(Karras et al. 2024, Sec. 4) that sCM (Lu & Song 2025, Sec. 5) learns; objectives read it from
+the last channel and the prediction from the first in_channels.
+
+iMF (Geng et al. 2025; Lyy-iiis/imeanflow models/imfDiT.py) adds two switches.
+`guidance_conditions=True` takes `guidance=(omega, t_min, t_max)` [B] each. Three more
+t-embedder copies embed 1 - 1/omega, t_min and t_max, scaled like t, and add them to c; imfDiT
+prepends them as in-context tokens instead. `velocity_head_depth=k` duplicates the last k blocks
+and the final layer into a velocity branch that starts after depth - k shared blocks. It returns
+[out | v] along channels, with v in_channels wide.
+
+`remat=True` rematerialises every block in the backward pass (jax.checkpoint of the scanned
+block, `DiT.run_blocks`). Images are NHWC.
 """
 import jax
 import jax.numpy as jnp
@@ -64,7 +77,8 @@ DIT_SIZES = {
 
 # The options beyond DiT, at their DiT values; a model config without them is a DiT.
 OPTIONS = dict(mlp="gelu", norm="layernorm", rope=False, qk_norm=False,
-               time_convention="t1_noise", remat=False, second_time=False)
+               time_convention="t1_noise", remat=False, second_time=False, logvar_head=False,
+               guidance_conditions=False, velocity_head_depth=0, scan_blocks=True)
 CHOICES = dict(mlp=("gelu", "swiglu"), norm=("layernorm", "rmsnorm"),
                time_convention=("t1_noise", "t0_noise"))
 
@@ -174,6 +188,7 @@ class DiT(nnx.Module):
     self.time_scale = float(c.time_scale)
     self.time_convention = option(c, "time_convention")
     self.remat = option(c, "remat")
+    self.scan_blocks = option(c, "scan_blocks")
     self.grid_size = c.input_size // c.patch_size
     self.x_embedder = nnx.Conv(
         c.in_channels, d, (c.patch_size, c.patch_size), strides=c.patch_size, padding="VALID",
@@ -197,17 +212,66 @@ class DiT(nnx.Module):
     # Built last, so the other parameters are initialised as without the second time.
     self.s_embedder = (layers.TimestepEmbedder(d, dtype=dtype, rngs=rngs)
                        if option(c, "second_time") else None)
+    self.logvar_linear = (layers.linear(layers.TIME_FREQUENCY_DIM, 1, (None, None),
+                                        zero_init=True, dtype=dtype, rngs=rngs)
+                          if option(c, "logvar_head") else None)
+    self.guidance_embedders = (
+        nnx.List([layers.TimestepEmbedder(d, dtype=dtype, rngs=rngs) for _ in range(3)])
+        if option(c, "guidance_conditions") else None)
+    head = option(c, "velocity_head_depth")
+    if not 0 <= head < c.depth:
+      raise ValueError(f"velocity_head_depth {head} must be in [0, depth {c.depth})")
+    self.v_blocks = nnx.List([
+        DiTBlock(d, c.num_heads, c.mlp_ratio, mlp=option(c, "mlp"), norm=option(c, "norm"),
+                 qk_norm=option(c, "qk_norm"), dtype=dtype, rngs=rngs)
+        for _ in range(head)]) if head else None
+    self.v_final_layer = FinalLayer(d, c.patch_size, c.in_channels, norm=option(c, "norm"),
+                                    dtype=dtype, rngs=rngs) if head else None
 
-  def unpatchify(self, x):
-    """[B, h*w, p*p*C] with index (p_row, q_col, c) -> [B, h*p, w*p, C]."""
-    b, p, g, ch = x.shape[0], self.patch_size, self.grid_size, self.out_channels
+  def unpatchify(self, x, channels=None):
+    """[B, h*w, p*p*C] with index (p_row, q_col, c) -> [B, h*p, w*p, C], C = `channels` (default
+    out_channels)."""
+    b, p, g, ch = x.shape[0], self.patch_size, self.grid_size, channels or self.out_channels
     x = x.reshape(b, g, g, p, p, ch).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, g * p, g * p, ch)
 
-  def __call__(self, x, t, labels, train: bool = False, s=None):
+  def run_blocks(self, h, c, rope, blocks=None):
+    """The blocks in order, as one `jax.lax.scan` over their parameters stacked inside the call.
+
+    The parameters stay one subtree per block (`blocks.{i}`, the official layout); only the
+    traced computation is a loop. Unrolled, XLA:CPU compiles the backward into huge fusions
+    that recompute every block's residual/adaLN chain (DiT-S/2's training step ~2.6x slower);
+    the loop also compiles one block, not `depth`. With `scan_blocks=False` (what the
+    diffusion task sets when the mesh shards parameters) the blocks run unrolled: XLA's SPMD
+    partitioner replicates the stacked FSDP-sharded parameters (DiT-XL/2 at global batch 256
+    on 8 devices: 303 GiB of temporaries per device scanned, 35 GiB unrolled;
+    benchmarks/pod_memory.py).
+    """
+    blocks = self.blocks if blocks is None else blocks
+    if not self.scan_blocks:
+      block_fn = lambda block, h: block(h, c, rope)
+      if self.remat:
+        block_fn = nnx.remat(block_fn)
+      for block in blocks:
+        h = block_fn(block, h)
+      return h
+    graphdef, first = nnx.split(blocks[0])
+    treedef = jax.tree.structure(first)
+    stacked = [jnp.stack(leaves) for leaves in
+               zip(*(jax.tree.leaves(nnx.state(block)) for block in blocks))]
+
+    def body(h, leaves):
+      return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))(h, c, rope), None
+
+    if self.remat:
+      body = jax.checkpoint(body, prevent_cse=False)
+    return jax.lax.scan(body, h, stacked)[0]
+
+  def __call__(self, x, t, labels, train: bool = False, s=None, guidance=None):
     """x: [B, H, W, C]; t: [B] flow time in [0, 1]; labels: [B] int32 (null = num_classes);
     s: [B] the second time of flow-map / trajectory models (`second_time`), embedded like t
-    by its own `s_embedder` and added to the conditioning.
+    by its own `s_embedder` and added to the conditioning; guidance: (omega, t_min, t_max), [B]
+    each, the iMF guidance conditions (`guidance_conditions`).
 
     `train` is part of the generator interface; DiT has no dropout, and label dropout for
     classifier-free guidance is the objective's job (it owns the random key).
@@ -226,14 +290,31 @@ class DiT(nnx.Module):
     if s is not None:
       c = c + self.s_embedder(((1 - s) if flip else s) * self.time_scale)
     c = c + self.y_embedder(labels)
+    if (guidance is None) != (self.guidance_embedders is None):
+      raise TesseraxError("guidance conditions go with model.guidance_conditions: pass "
+                          "(omega, t_min, t_max) exactly when it is set")
+    if guidance is not None:
+      omega, t_min, t_max = guidance
+      for embed, value in zip(self.guidance_embedders, (1 - 1 / omega, t_min, t_max)):
+        c = c + embed(value * self.time_scale)
     rope = self.feat_rope() if self.feat_rope is not None else None
-    block_fn = lambda block, h, c, rope: block(h, c, rope)
-    if self.remat:
-      block_fn = nnx.remat(block_fn)
-    for block in self.blocks:
-      h = block_fn(block, h, c, rope)
+    if self.v_blocks is None:
+      h = self.run_blocks(h, c, rope)
+    else:
+      h = self.run_blocks(h, c, rope, list(self.blocks)[:len(self.blocks) - len(self.v_blocks)])
+      h, h_v = self.run_blocks(h, c, rope, list(self.blocks)[-len(self.v_blocks):]), h
+      h_v = self.run_blocks(h_v, c, rope, list(self.v_blocks))
     out = layers.at_least_f32(self.unpatchify(self.final_layer(h, c)))
-    return -out if flip else out
+    out = -out if flip else out
+    if self.v_blocks is not None:
+      v = layers.at_least_f32(self.unpatchify(self.v_final_layer(h_v, c), self.in_channels))
+      out = jnp.concatenate([out, -v if flip else v], axis=-1)
+    if self.logvar_linear is None:
+      return out
+    logvar = self.logvar_linear(layers.timestep_embedding(t * self.time_scale))
+    return jnp.concatenate(
+        [out, jnp.broadcast_to(logvar[:, None, None].astype(out.dtype), out.shape[:3] + (1,))],
+        axis=-1)
 
 
 registry.NETWORKS.register("dit", DiT)

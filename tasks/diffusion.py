@@ -45,7 +45,8 @@ class DiffusionTask:
 
   def __init__(self, config, mesh):
     self.config, self.mesh = config, mesh
-    abstract_model = nnx.eval_shape(lambda: build_network(config.model, config.seed))
+    self.model_config = _for_mesh(config.model, mesh)
+    abstract_model = nnx.eval_shape(lambda: build_network(self.model_config, config.seed))
     self.graphdef, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
     self.tx = optim.make_optimizer(config.optim, config.num_steps)
     self.objective = registry.OBJECTIVES.get(config.objective.name)(config)
@@ -57,7 +58,7 @@ class DiffusionTask:
     self.abstract_state = train_state.shard_abstract(abstract_state, self.state_shardings)
     rep = sharding.replicated(mesh)
     self.buffers = jax.device_put(nnx.to_pure_dict(nnx.state(
-        build_network(config.model, config.seed), nnx.Not(nnx.Param))), rep)
+        build_network(self.model_config, config.seed), nnx.Not(nnx.Param))), rep)
     self.init = jax.jit(self._init, out_shardings=self.state_shardings)
     image_shape = (config.data.resolution, config.data.resolution, config.model.in_channels)
     batch_sh = {"image": sharding.batch_sharding(mesh, 1 + len(image_shape)),
@@ -78,7 +79,7 @@ class DiffusionTask:
             for kind, fn in self.objective.predictions.items()}
 
   def _init(self):
-    model = build_network(self.config.model, self.config.seed)
+    model = build_network(self.model_config, self.config.seed)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     if self.teacher and self.config.teacher.init_student:
       params = student_from_teacher(params, self.teacher[1])
@@ -136,6 +137,17 @@ class DiffusionTask:
 
   def export(self, state, workdir, log=print):
     del state, workdir, log  # a generator's checkpoints are its export
+
+
+def _for_mesh(model_config, mesh):
+  """The model config to build on `mesh`: DiT-family blocks run unrolled where the mesh shards
+  parameters (fsdp or tensor > 1), since the scanned blocks' stacked parameters lose their
+  sharding (generators/dit.py run_blocks)."""
+  if "scan_blocks" in model_config or (mesh.shape["fsdp"] == 1 and mesh.shape["tensor"] == 1):
+    return model_config
+  model_config = model_config.copy_and_resolve_references()
+  model_config.scan_blocks = False
+  return model_config
 
 
 def _load_teacher(config):

@@ -20,16 +20,17 @@ def test_fewstep_demo_scores_teacher_and_students_and_resumes(digits_data_dir, t
 
   monkeypatch.setattr(config_lib, "load", load_here)
   workdir = str(tmp_path / "fewstep")
-  results = fewstep.run(workdir, size="tiny", teacher_nfe=(1, 2))
+  students = ("ect", "meanflow")  # a consistency and a flow-map student
+  results = fewstep.run(workdir, size="tiny", teacher_nfe=(1, 2), students=students)
   with open(os.path.join(workdir, "fewstep.json")) as f:
     saved = json.load(f)
   assert saved == json.loads(json.dumps(results))
   models = saved["models"]
   assert sorted(models) == sorted([f"teacher/{s}" for s in fewstep.TEACHER_SOLVERS]
-                                  + list(fewstep.STUDENTS))
+                                  + list(students))
   assert sorted(models["teacher/euler"], key=int) == ["1", "2"]
   assert sorted(models["teacher/heun"], key=int) == ["2"]
-  for name in fewstep.STUDENTS:
+  for name in students:
     assert sorted(models[name], key=int) == [str(n) for n in fewstep.STUDENT_NFE]
   for runs in models.values():
     for entry in runs.values():
@@ -39,6 +40,6 @@ def test_fewstep_demo_scores_teacher_and_students_and_resumes(digits_data_dir, t
   assert Image.open(os.path.join(workdir, "fewstep.png")).size == (1280, 300)
 
   capsys.readouterr()
-  again = fewstep.run(workdir, size="tiny", teacher_nfe=(1, 2))
-  assert capsys.readouterr().out.count("resumed from") == 1 + len(fewstep.STUDENTS)
+  again = fewstep.run(workdir, size="tiny", teacher_nfe=(1, 2), students=students)
+  assert capsys.readouterr().out.count("resumed from") == 1 + len(students)
   assert again == results

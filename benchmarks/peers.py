@@ -1,0 +1,402 @@
+"""tesserax beside the PyTorch code researchers run instead: the same work on the same weights,
+timed in one run, printed as time ratios tesserax / peer (below 1: tesserax is faster).
+
+  python -m tesserax.benchmarks.peers                          # CPU: DiT-S/2, 32x32x4 latents
+  python -m tesserax.benchmarks.peers --size XL --batch 32 --vae_resolution 256   # accelerator
+
+Peers (`pip install 'tesserax[bench]'`): diffusers' DiTTransformer2DModel, AutoencoderKL and
+DPMSolverMultistepScheduler, each given tesserax's weights through tesserax's converters:
+- DiT: a random DiT-{size}/2 (adaLN-zero layers randomised too, so every path matters) written
+  as the official state_dict (convert/dit_checkpoints.py) and mapped to diffusers' names
+  (qkv split into to_q/to_k/to_v; the t and y embedders copied into every block, whose
+  gradients are summed back). diffusers' DiT embeds time with `downscale_freq_shift=1`, the
+  official DiT with 0; the peer is set to 0 so both compute the official function, and its
+  LayerNorms use the official eps 1e-6.
+  - forward: one batch, eval mode;
+  - sampling: DPM-Solver++(2M) at 8 and 25 steps on the flow grid of diffusers'
+    DPMSolverMultistepScheduler (use_flow_sigmas, flow_prediction), the DiT read as a velocity
+    network of t = sigma (fed 1000 t), labels fixed, no guidance;
+  - training step: rectified flow with logit-normal t and 10% label dropout, MSE on the first
+    4 channels, backward, AdamW (torch.optim.AdamW, foreach) and EMA, as DiT train.py steps;
+    tesserax's step is the diffusion task's (configs/digits_dit.py optimizer), which also
+    computes the gradient norm and the NaN guard.
+- SD-VAE (f8, 4 latent channels): a random diffusers AutoencoderKL saved as safetensors and
+  read by convert/vae_checkpoints.py; posterior-mean encode and decode of one batch.
+
+Before timing, each pair is checked on the same inputs (DiT forward to 1e-4 of the output's
+scale in float32, DiT gradients to 1e-4 of the gradient norm, sampling and the VAE to 1e-3);
+a pair that disagrees prints the difference and no ratio. Timing: a warm-up call each, then
+`--rounds` rounds alternating the two sides, medians. torch runs `--threads` threads
+(torch.set_num_threads); XLA:CPU uses the machine's cores, so run with as many cores as
+threads (taskset -c 0,1 on a larger machine). FID against pytorch-fid / torch-fidelity is not
+here: both need torchvision, which has no CPU wheel for this torch on PyPI.
+"""
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import tesserax.tasks  # noqa: F401  (registers the diffusion task)
+from tesserax.convert import dit_checkpoints, vae_checkpoints
+from tesserax.core import config as config_lib, sharding
+from tesserax.generators import dit
+from tesserax.sampling import multistep
+from tesserax.tokenizers import kl_autoencoder
+from tesserax.training import task as task_lib
+
+INSTALL = "pip install 'tesserax[bench]'  (torch, diffusers)"
+
+
+def require_peers():
+  try:
+    import diffusers  # noqa: F401
+    import torch  # noqa: F401
+  except ImportError as e:
+    raise SystemExit(f"peers missing ({e.name}); install them with: {INSTALL}")
+
+
+def interleaved(sides: dict, rounds: int) -> dict:
+  """{side: median seconds} of each zero-argument callable, one warm-up call each, then
+  `rounds` rounds calling the sides in turn."""
+  for fn in sides.values():
+    fn()
+  times = {name: [] for name in sides}
+  for _ in range(rounds):
+    for name, fn in sides.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def compare(name, ours, theirs, tol):
+  """The relative difference max|ours - theirs| / max|theirs|, and whether it is within tol."""
+  ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+  error = float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
+  return {"check": name, "relative_difference": error, "tolerance": tol, "agree": error <= tol}
+
+
+def row(work, check, seconds, **extra):
+  out = {"work": work, **extra, **check}
+  if check["agree"]:
+    out.update(tesserax_s=seconds["tesserax"], peer_s=seconds["peer"],
+               ratio_tesserax_over_peer=seconds["tesserax"] / seconds["peer"])
+  else:
+    out["refused"] = "outputs differ beyond the tolerance: no ratio"
+  print(json.dumps(out), flush=True)
+  return out
+
+
+# --- DiT ---------------------------------------------------------------------------------
+
+def dit_task_config(size: str, batch: int):
+  """The diffusion task on DiT-{size}/2 over 32x32x4 latents (learned sigma, 1000 classes),
+  rectified flow and the digits recipe's AdamW settings with DiT's learning rate."""
+  config = config_lib.load("digits_dit")
+  config.model = dit.dit_config(f"{size}/2")
+  config.data.resolution, config.data.num_classes = 32, 1000
+  config.batch_size = batch
+  config.optim.lr, config.optim.warmup_steps, config.optim.grad_clip = 1e-4, 0, 0.0
+  config.optim.schedule = "constant"
+  config.ema_decay = 0.9999
+  return config
+
+
+def random_params(params, seed=0, std=0.02):
+  """Params with every leaf perturbed (the zero-initialised adaLN and output layers too)."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [x + std * jax.random.normal(k, x.shape, x.dtype)
+                                      for x, k in zip(leaves, keys)])
+
+
+def diffusers_dit_state(official: dict, depth: int) -> dict:
+  """diffusers DiTTransformer2DModel names of an official DiT state_dict (torch layout)."""
+  sd = {"pos_embed.proj.weight": official["x_embedder.proj.weight"],
+        "pos_embed.proj.bias": official["x_embedder.proj.bias"],
+        "proj_out_1.weight": official["final_layer.adaLN_modulation.1.weight"],
+        "proj_out_1.bias": official["final_layer.adaLN_modulation.1.bias"],
+        "proj_out_2.weight": official["final_layer.linear.weight"],
+        "proj_out_2.bias": official["final_layer.linear.bias"]}
+  for i in range(depth):
+    ours, theirs = f"blocks.{i}.", f"transformer_blocks.{i}."
+    emb = theirs + "norm1.emb."
+    for j, name in ((0, "linear_1"), (2, "linear_2")):
+      for kind in ("weight", "bias"):
+        sd[f"{emb}timestep_embedder.{name}.{kind}"] = official[f"t_embedder.mlp.{j}.{kind}"]
+    sd[emb + "class_embedder.embedding_table.weight"] = official[
+        "y_embedder.embedding_table.weight"]
+    for kind in ("weight", "bias"):
+      q, k, v = np.split(official[f"{ours}attn.qkv.{kind}"], 3)
+      sd.update({f"{theirs}attn1.to_q.{kind}": q, f"{theirs}attn1.to_k.{kind}": k,
+                 f"{theirs}attn1.to_v.{kind}": v,
+                 f"{theirs}attn1.to_out.0.{kind}": official[f"{ours}attn.proj.{kind}"],
+                 f"{theirs}norm1.linear.{kind}": official[f"{ours}adaLN_modulation.1.{kind}"],
+                 f"{theirs}ff.net.0.proj.{kind}": official[f"{ours}mlp.fc1.{kind}"],
+                 f"{theirs}ff.net.2.{kind}": official[f"{ours}mlp.fc2.{kind}"]})
+  return sd
+
+
+def official_dit_grads(torch_model, depth: int) -> dict:
+  """The peer's gradients under official DiT names (copies of the embedders summed)."""
+  g = {k: p.grad.double().numpy() for k, p in torch_model.named_parameters()}
+  out = {"x_embedder.proj.weight": g["pos_embed.proj.weight"],
+         "x_embedder.proj.bias": g["pos_embed.proj.bias"],
+         "final_layer.adaLN_modulation.1.weight": g["proj_out_1.weight"],
+         "final_layer.adaLN_modulation.1.bias": g["proj_out_1.bias"],
+         "final_layer.linear.weight": g["proj_out_2.weight"],
+         "final_layer.linear.bias": g["proj_out_2.bias"]}
+  emb = lambda i, name: g[f"transformer_blocks.{i}.norm1.emb.{name}"]  # noqa: E731
+  for j, name in ((0, "linear_1"), (2, "linear_2")):
+    for kind in ("weight", "bias"):
+      out[f"t_embedder.mlp.{j}.{kind}"] = sum(
+          emb(i, f"timestep_embedder.{name}.{kind}") for i in range(depth))
+  out["y_embedder.embedding_table.weight"] = sum(
+      emb(i, "class_embedder.embedding_table.weight") for i in range(depth))
+  for i in range(depth):
+    theirs = lambda name: g[f"transformer_blocks.{i}.{name}"]  # noqa: E731
+    for kind in ("weight", "bias"):
+      out[f"blocks.{i}.attn.qkv.{kind}"] = np.concatenate(
+          [theirs(f"attn1.to_{n}.{kind}") for n in "qkv"])
+      out[f"blocks.{i}.attn.proj.{kind}"] = theirs(f"attn1.to_out.0.{kind}")
+      out[f"blocks.{i}.adaLN_modulation.1.{kind}"] = theirs(f"norm1.linear.{kind}")
+      out[f"blocks.{i}.mlp.fc1.{kind}"] = theirs(f"ff.net.0.proj.{kind}")
+      out[f"blocks.{i}.mlp.fc2.{kind}"] = theirs(f"ff.net.2.{kind}")
+  return out
+
+
+def diffusers_dit(model_config, official: dict):
+  import torch
+  from diffusers import DiTTransformer2DModel
+  c = model_config
+  model = DiTTransformer2DModel(
+      num_attention_heads=c.num_heads, attention_head_dim=c.hidden_size // c.num_heads,
+      in_channels=c.in_channels, out_channels=2 * c.in_channels, num_layers=c.depth,
+      sample_size=c.input_size, patch_size=c.patch_size, num_embeds_ada_norm=c.num_classes,
+      norm_eps=1e-6)
+  for block in model.transformer_blocks:
+    block.norm1.emb.time_proj.downscale_freq_shift = 0  # the official DiT's frequencies
+  sd = diffusers_dit_state(official, c.depth)
+  model.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in sd.items()},
+                        strict=True)
+  return model
+
+
+def bench_dit(args):
+  import torch
+  from diffusers import DPMSolverMultistepScheduler
+  config = dit_task_config(args.size, args.batch)
+  mc = config.model
+  setup = task_lib.build(config, sharding.make_mesh(config.mesh))
+  state = setup.init()
+  state = dict(state, params=random_params(state["params"]))
+  state["ema"] = jax.tree.map(jnp.copy, state["params"])
+  params = jax.device_get(state["params"])
+  official = dit_checkpoints.state_dict_from_params(params, mc)
+  peer = diffusers_dit(mc, official)
+  rng = np.random.default_rng(0)
+  b, r, ch = args.batch, mc.input_size, mc.in_channels
+  x = rng.standard_normal((b, r, r, ch)).astype(np.float32)
+  t = rng.uniform(0.05, 0.95, b).astype(np.float32)
+  labels = rng.integers(0, mc.num_classes, b).astype(np.int32)
+  x_t, t_t, y_t = (torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
+                   torch.from_numpy(1000 * t), torch.from_numpy(labels.astype(np.int64)))
+  rows = []
+
+  # Forward.
+  forward = jax.jit(lambda p, x, t, y: setup.apply(p, x, t, y))
+  ours = lambda: jax.block_until_ready(forward(state["params"], x, t, labels))  # noqa: E731
+  peer.eval()
+
+  def theirs():
+    with torch.no_grad():
+      return peer(x_t, timestep=t_t, class_labels=y_t).sample
+
+  check = compare("dit forward", ours(), theirs().numpy().transpose(0, 2, 3, 1), 1e-4)
+  seconds = interleaved({"tesserax": ours, "peer": theirs}, args.rounds) if check["agree"] else {}
+  rows.append(row(f"DiT-{args.size}/2 forward", check, seconds, batch=b))
+
+  # Sampling: DPM-Solver++(2M), the DiT as a velocity network of t = sigma.
+  for steps in args.steps:
+    scheduler = DPMSolverMultistepScheduler(
+        use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0,
+        final_sigmas_type="zero", solver_order=2)
+    scheduler.set_timesteps(steps)
+    sigmas = scheduler.sigmas.double().numpy()
+
+    def velocity(p, x, s):
+      return setup.apply(p, x, jnp.full((x.shape[0],), s), labels)[..., :ch]
+
+    solve = jax.jit(lambda p, noise: multistep.dpm_solver_pp(
+        lambda x, s: velocity(p, x, s), noise, sigmas, order=2))
+    ours = lambda: jax.block_until_ready(solve(state["params"], x))  # noqa: E731
+
+    def theirs():
+      scheduler.set_timesteps(steps)
+      sample = x_t.clone()
+      with torch.no_grad():
+        for i, timestep in enumerate(scheduler.timesteps):
+          s = torch.full((b,), 1000 * float(sigmas[i]))
+          v = peer(sample, timestep=s, class_labels=y_t).sample[:, :ch]
+          sample = scheduler.step(v, timestep, sample).prev_sample
+      return sample
+
+    check = compare(f"dpm-solver++ {steps} steps", ours(),
+                    theirs().numpy().transpose(0, 2, 3, 1), 1e-3)
+    seconds = interleaved({"tesserax": ours, "peer": theirs},
+                          max(1, args.rounds // 2)) if check["agree"] else {}
+    rows.append(row(f"DiT-{args.size}/2 DPM-Solver++(2M) {steps} steps", check, seconds,
+                    batch=b, nfe=steps))
+
+  # Gradients of the same loss on the same inputs, then the training step.
+  target = rng.standard_normal((b, r, r, ch)).astype(np.float32)
+
+  def loss(p):
+    return jnp.mean(jnp.square(setup.apply(p, x, t, labels)[..., :ch] - target))
+
+  grads = dit_checkpoints.state_dict_from_params(
+      jax.device_get(jax.jit(jax.grad(loss))(state["params"])), mc)
+  peer.train()
+  for block in peer.transformer_blocks:  # no label dropout for the check
+    block.norm1.emb.class_embedder.dropout_prob = 0.0
+  out = peer(x_t, timestep=t_t, class_labels=y_t).sample[:, :ch]
+  target_t = torch.from_numpy(np.ascontiguousarray(target.transpose(0, 3, 1, 2)))
+  torch.mean(torch.square(out - target_t)).backward()
+  peer_grads = official_dit_grads(peer, mc.depth)
+  peer.zero_grad(set_to_none=True)
+  for block in peer.transformer_blocks:
+    block.norm1.emb.class_embedder.dropout_prob = mc.class_dropout
+  flat = lambda d: np.concatenate([np.ravel(d[k]) for k in sorted(peer_grads)])  # noqa: E731
+  ours_g, theirs_g = flat(grads).astype(np.float64), flat(peer_grads)
+  error = float(np.linalg.norm(ours_g - theirs_g) / np.linalg.norm(theirs_g))
+  check = {"check": "dit gradients (norm of the difference / norm)",
+           "relative_difference": error, "tolerance": 1e-4, "agree": error <= 1e-4}
+
+  batch = sharding.global_batch({"image": x, "label": labels}, setup.mesh)
+  holder = {"state": state}
+
+  def ours():
+    holder["state"], metrics = setup.train_step(holder["state"], batch)
+    jax.block_until_ready(metrics["loss"])
+
+  c = config.optim
+  opt = torch.optim.AdamW(peer.parameters(), lr=c.lr, betas=(c.b1, c.b2), eps=c.eps,
+                          weight_decay=c.weight_decay, foreach=True)
+  ema = [p.detach().clone() for p in peer.parameters()]
+  x0 = x_t
+
+  def theirs():
+    tt = torch.sigmoid(torch.randn(b))
+    eps = torch.randn_like(x0)
+    xt = (1 - tt[:, None, None, None]) * x0 + tt[:, None, None, None] * eps
+    pred = peer(xt, timestep=1000 * tt, class_labels=y_t).sample[:, :ch]
+    step_loss = torch.mean(torch.square(pred - (eps - x0)))
+    opt.zero_grad(set_to_none=True)
+    step_loss.backward()
+    opt.step()
+    with torch.no_grad():
+      torch._foreach_lerp_(ema, list(peer.parameters()), 1 - config.ema_decay)
+
+  seconds = interleaved({"tesserax": ours, "peer": theirs}, args.rounds) if check["agree"] else {}
+  rows.append(row(f"DiT-{args.size}/2 training step (fwd+bwd+AdamW+EMA)", check, seconds,
+                  batch=b))
+  return rows
+
+
+# --- SD-VAE ------------------------------------------------------------------------------
+
+def bench_vae(args):
+  import torch
+  from diffusers import AutoencoderKL
+  from safetensors.torch import save_file
+  config = kl_autoencoder.sd_vae_f8d4()
+  config.resolution = args.vae_resolution
+  torch.manual_seed(0)
+  peer = AutoencoderKL(
+      in_channels=3, out_channels=3, latent_channels=config.embed_dim,
+      down_block_types=("DownEncoderBlock2D",) * len(config.ch_mult),
+      up_block_types=("UpDecoderBlock2D",) * len(config.ch_mult),
+      block_out_channels=tuple(config.ch * m for m in config.ch_mult),
+      layers_per_block=config.num_res_blocks, norm_num_groups=32).eval()
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "vae.safetensors")
+    save_file({k: v.contiguous() for k, v in peer.state_dict().items()}, path)
+    params = vae_checkpoints.diffusers_params(path, config)
+  from tesserax.backbones import weights
+  model = weights.with_params(lambda: kl_autoencoder.build(config), params, "vae")
+  graphdef, state = nnx.split(model)
+  encode = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x))
+  decode = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode(z))
+  rng = np.random.default_rng(0)
+  b, res = args.vae_batch, args.vae_resolution
+  images = rng.uniform(-1, 1, (b, res, res, 3)).astype(np.float32)
+  images_t = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+  rows = []
+  ours = lambda: jax.block_until_ready(encode(state, images))  # noqa: E731
+
+  def theirs():
+    with torch.no_grad():
+      return peer.encode(images_t).latent_dist.mean
+
+  latents = ours()
+  check = compare("vae encode", latents, theirs().numpy().transpose(0, 2, 3, 1), 1e-3)
+  seconds = interleaved({"tesserax": ours, "peer": theirs}, args.rounds) if check["agree"] else {}
+  rows.append(row(f"SD-VAE encode {res}x{res}", check, seconds, batch=b))
+  latents_t = torch.from_numpy(np.ascontiguousarray(np.asarray(latents).transpose(0, 3, 1, 2)))
+  ours = lambda: jax.block_until_ready(decode(state, latents))  # noqa: E731
+
+  def theirs():
+    with torch.no_grad():
+      return peer.decode(latents_t).sample
+
+  check = compare("vae decode", ours(), theirs().numpy().transpose(0, 2, 3, 1), 1e-3)
+  seconds = interleaved({"tesserax": ours, "peer": theirs}, args.rounds) if check["agree"] else {}
+  rows.append(row(f"SD-VAE decode {res}x{res}", check, seconds, batch=b))
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--size", default="S", choices=("S", "B", "L", "XL"),
+                      help="DiT size at patch 2 on 32x32x4 latents (XL on an accelerator)")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--steps", type=int, nargs="+", default=[8, 25])
+  parser.add_argument("--vae_resolution", type=int, default=128)
+  parser.add_argument("--vae_batch", type=int, default=1)
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+  parser.add_argument("--only", nargs="+", default=["dit", "vae"], choices=("dit", "vae"))
+  parser.add_argument("--out", default=None, help="append the rows as JSON lines here")
+  args = parser.parse_args()
+  require_peers()
+  import diffusers
+  import torch
+  torch.set_num_threads(args.threads)
+  header = {"device": jax.devices()[0].device_kind, "cpu": platform.processor() or
+            platform.machine(), "cores": os.cpu_count(), "jax": jax.__version__,
+            "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "torch_threads": args.threads, "date": time.strftime("%Y-%m-%d"),
+            "load_before": os.getloadavg()}
+  print(json.dumps(header), flush=True)
+  rows = []
+  if "dit" in args.only:
+    rows += bench_dit(args)
+  if "vae" in args.only:
+    rows += bench_vae(args)
+  footer = {"load_after": os.getloadavg()}
+  print(json.dumps(footer))
+  if args.out:
+    with open(args.out, "a") as f:
+      f.writelines(json.dumps(r) + "\n" for r in [header] + rows + [footer])
+
+
+if __name__ == "__main__":
+  main()
