@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tesserax.core import sharding
+from tesserax.core import optim, sharding
 
 
 def new_state(params, tx, seed: int, ema=None, **extra) -> dict:
@@ -61,3 +61,17 @@ def guarded_update(state, new: dict, finite):
               step=state["step"] + 1,
               nonfinite_step=jnp.where((state["nonfinite_step"] < 0) & ~finite, state["step"],
                                        state["nonfinite_step"]))
+
+
+def optimizer_step(state, loss, grads, tx, config):
+  """The state after one step of `tx` on `grads`: params, their EMA at `config.ema_decay`
+  and the optimizer state, through the NaN/Inf guard of `loss` and the gradient norm; with
+  the metrics {grad_norm, lr} of the step."""
+  grad_norm = optim.global_norm(grads)
+  updates, opt = tx.update(grads, state["opt"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  ema = optim.ema_update(state["ema"], params, config.ema_decay)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new_state = guarded_update(state, {"params": params, "ema": ema, "opt": opt}, finite)
+  lr = optim.learning_rate_schedule(config.optim, config.num_steps)(state["step"])
+  return new_state, {"grad_norm": grad_norm, "lr": lr}

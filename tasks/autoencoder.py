@@ -71,6 +71,16 @@ def _conv_out_kernel(grads, part):
   return grads["autoencoder"][part]["conv_out"]["kernel"]
 
 
+def reconstruction_grid(config, reconstruct, params):
+  """A tokenizer task's sample grid: 32 images of the training split (odd rows) over their
+  reconstructions `reconstruct(params, images)` (even rows), 8 per row."""
+  images = eval_images(config.data, config.data.split, 32)
+  rec = reconstruct(params, images)
+  rows = np.stack([images.reshape(-1, 8, *images.shape[1:]),
+                   rec.reshape(-1, 8, *rec.shape[1:])], 1).reshape(-1, *images.shape[1:])
+  return rows, 8, max(1, 64 // config.data.resolution)
+
+
 @registry.TASKS.register("autoencoder")
 class AutoencoderTask:
   """The Task (training/task.py) of a KL autoencoder recipe."""
@@ -229,12 +239,7 @@ class AutoencoderTask:
                                 batch_size or self.config.batch_size, self.mesh)
 
   def sample_grid(self, params):
-    """Originals (odd rows) over their reconstructions (even rows), 8 per row."""
-    images = eval_images(self.config.data, self.config.data.split, 32)
-    rec = self.reconstruct(params, images)
-    rows = np.stack([images.reshape(-1, 8, *images.shape[1:]),
-                     rec.reshape(-1, 8, *rec.shape[1:])], 1).reshape(-1, *images.shape[1:])
-    return rows, 8, max(1, 64 // self.config.data.resolution)
+    return reconstruction_grid(self.config, self.reconstruct, params)
 
   def export(self, state, workdir, log=print):
     """WORKDIR/tokenizer: the EMA autoencoder and per-channel statistics of posterior samples

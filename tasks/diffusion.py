@@ -18,9 +18,7 @@ import functools
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from tesserax.core import optim, registry, sharding, train_state
@@ -92,16 +90,8 @@ class DiffusionTask:
                   num_classes=c.model.num_classes, ema=state["ema"], teacher=teacher)
     (loss, metrics), grads = jax.value_and_grad(
         lambda p: self.objective.loss(self.apply, p, batch, ctx), has_aux=True)(state["params"])
-    grad_norm = optim.global_norm(grads)
-    updates, opt = self.tx.update(grads, state["opt"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    ema = optim.ema_update(state["ema"], params, c.ema_decay)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new_state = train_state.guarded_update(state, {"params": params, "ema": ema, "opt": opt},
-                                           finite)
-    metrics = dict(metrics, grad_norm=grad_norm,
-                   lr=optim.learning_rate_schedule(c.optim, c.num_steps)(state["step"]))
-    return new_state, metrics
+    new_state, step_metrics = train_state.optimizer_step(state, loss, grads, self.tx, c)
+    return new_state, dict(metrics, **step_metrics)
 
   def generate(self, params, labels, key, settings=None, batch_size=None, decode=True):
     """Samples for `labels` (host int32) as host float32 NHWC; `settings` (default

@@ -21,12 +21,12 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from tesserax.core import optim, registry, sharding, train_state
 from tesserax.core.errors import TesseraxError
 from tesserax.eval.evaluators import eval_images
+from tesserax.tasks import autoencoder
 from tesserax.tokenizers import reconstruct, titok
 
 # Parameter names the official AdamW leaves undecayed (utils/train_utils.py create_optimizer).
@@ -126,15 +126,8 @@ class TiTokTask:
       return loss, metrics
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    grad_norm = optim.global_norm(grads)
-    updates, opt = self.tx.update(grads, state["opt"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    ema = optim.ema_update(state["ema"], params, c.ema_decay)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new_state = train_state.guarded_update(state, {"params": params, "ema": ema, "opt": opt},
-                                           finite)
-    return new_state, dict(metrics, grad_norm=grad_norm,
-                           lr=optim.learning_rate_schedule(c.optim, c.num_steps)(state["step"]))
+    new_state, step_metrics = train_state.optimizer_step(state, loss, grads, self.tx, c)
+    return new_state, dict(metrics, **step_metrics)
 
   def reconstruct(self, params, images, batch_size=None):
     """decode(encode(images)) of host images in [-1, 1] over the training mesh."""
@@ -148,12 +141,7 @@ class TiTokTask:
                                 batch_size or self.config.batch_size, self.mesh)
 
   def sample_grid(self, params):
-    """Originals (odd rows) over their reconstructions (even rows), 8 per row."""
-    images = eval_images(self.config.data, self.config.data.split, 32)
-    rec = self.reconstruct(params, images)
-    rows = np.stack([images.reshape(-1, 8, *images.shape[1:]),
-                     rec.reshape(-1, 8, *rec.shape[1:])], 1).reshape(-1, *images.shape[1:])
-    return rows, 8, max(1, 64 // self.config.data.resolution)
+    return autoencoder.reconstruction_grid(self.config, self.reconstruct, params)
 
   def export(self, state, workdir, log=print):
     """WORKDIR/tokenizer: the EMA TiTok; a VAE TiTok with per-channel statistics of the

@@ -17,10 +17,8 @@ import math
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
 from tesserax.core import optim, registry, sharding, train_state
@@ -141,16 +139,8 @@ class TokenGeneratorTask:
                   num_classes=c.model.num_classes, ema=state["ema"])
     (loss, metrics), grads = jax.value_and_grad(
         lambda p: self.objective.loss(self.apply, p, batch, ctx), has_aux=True)(state["params"])
-    grad_norm = optim.global_norm(grads)
-    updates, opt = self.tx.update(grads, state["opt"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    ema = optim.ema_update(state["ema"], params, c.ema_decay)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new_state = train_state.guarded_update(state, {"params": params, "ema": ema, "opt": opt},
-                                           finite)
-    metrics = dict(metrics, grad_norm=grad_norm,
-                   lr=optim.learning_rate_schedule(c.optim, c.num_steps)(state["step"]))
-    return new_state, metrics
+    new_state, step_metrics = train_state.optimizer_step(state, loss, grads, self.tx, c)
+    return new_state, dict(metrics, **step_metrics)
 
   @functools.lru_cache(maxsize=4)
   def _sampler(self, settings_json):
