@@ -67,9 +67,13 @@ class DiffusionTask:
     self.train_step = lambda state, batch: step(state, batch, teacher_params)
     self.predict = {"generate": self.generate}
 
-  def apply(self, params, x, t, labels, *, train=False, s=None):
-    """The network at `params` (the `apply` objectives and samplers see)."""
-    return nnx.merge(self.graphdef, params, self.buffers)(x, t, labels, train, s=s)
+  def apply(self, params, x, t, labels, *, train=False, s=None, guidance=None):
+    """The network at `params` (the `apply` objectives and samplers see); `guidance` the
+    network's guidance conditions where it has them (iMF, `model.guidance_conditions`)."""
+    model = nnx.merge(self.graphdef, params, self.buffers)
+    if guidance is None:
+      return model(x, t, labels, train, s=s)
+    return model(x, t, labels, train, s=s, guidance=guidance)
 
   def predictions(self):
     """{kind: predict(params, x, time, labels)} of the objective, for the samplers."""

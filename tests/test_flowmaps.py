@@ -438,11 +438,10 @@ def test_imf_guidance_conditions_and_target():
   np.testing.assert_allclose(v_c, cond * (1 + 0.1 * w), rtol=1e-6)
 
 
-def test_imf_runs_on_a_dit_with_guidance_conditions_and_a_velocity_head():
-  from flax import nnx
-  from tesserax.core import registry
+def test_imf_trains_and_samples_through_the_diffusion_task():
+  from tesserax.core import sharding
   from tesserax.objectives import imf
-  import tesserax.generators  # noqa: F401  (registers the DiT)
+  from tesserax.tasks import diffusion
   config = config_lib.load("digits_dit:tiny")
   config.model.update(depth=2, hidden_size=32, time_scale=1.0)
   config.objective = dict(name="imf", time_mean=-0.4, time_std=1.0, data_proportion=0.5,
@@ -451,19 +450,13 @@ def test_imf_runs_on_a_dit_with_guidance_conditions_and_a_velocity_head():
   with pytest.raises(TesseraxError, match="^objective imf needs a network with a second time"):
     imf.make(config)
   config.model.update(second_time=True, guidance_conditions=True, velocity_head_depth=1)
-  objective = imf.make(config)
-  graphdef, params = nnx.split(registry.NETWORKS.get("dit")(config.model, rngs=nnx.Rngs(0)))
-  apply = lambda p, x, t, y, train=False, s=None, guidance=None: nnx.merge(graphdef, p)(
-      x, t, y, train, s=s, guidance=guidance)
-  batch = {"image": jax.random.uniform(jax.random.PRNGKey(0), (8, 16, 16, 1), minval=-1),
-           "label": jnp.arange(8, dtype=jnp.int32)}
-  ctx = Context(step=0, key=jax.random.PRNGKey(1), num_classes=10)
-  loss, metrics = jax.jit(lambda p: objective.loss(apply, p, batch, ctx))(params)
-  assert np.isfinite(loss) and set(metrics) == {"loss", "loss_u", "loss_v"}
-  predictions = {k: (lambda f: lambda *args: f(apply, *args))(f)
-                 for k, f in objective.predictions.items()}
-  out = sample_lib.build(_flow_settings("flow_map", 1), predictions, null_label=10)(
-      params, jnp.ones((2, 16, 16, 1)), jnp.zeros(2, jnp.int32), None)
+  task = diffusion.DiffusionTask(config, sharding.local_mesh())  # the task passes guidance
+  batch = {"image": jax.random.uniform(jax.random.PRNGKey(0), (16, 16, 16, 1), minval=-1),
+           "label": jnp.arange(16, dtype=jnp.int32) % 10}
+  state, metrics = task.train_step(task.init(), batch)
+  assert np.isfinite(metrics["loss"]) and {"loss", "loss_u", "loss_v"} <= set(metrics)
+  out = task.predict["generate"](state["ema"], np.zeros(2, np.int32), jax.random.PRNGKey(2),
+                                 _flow_settings("flow_map", 1))
   assert out.shape == (2, 16, 16, 1) and np.all(np.isfinite(out))
 
 
