@@ -19,9 +19,8 @@ def get_config(arg=None):
                       hidden_size=128, depth=4, num_heads=4, mlp_hidden=0, rope_theta=10000.0,
                       class_dropout=0.1, dtype="float32")
   config.objective = dict(name="next_token", label_smoothing=0.0)
-  config.sample = dict(every_steps=config.sample.every_steps, num_per_class=10,
-                       solver="autoregressive", temperature=1.0, top_k=0, top_p=1.0,
-                       cfg_scale=2.0, kv_cache=True)
+  config.sample.update(dict(num_per_class=10, solver="autoregressive", temperature=1.0,
+                            top_k=0, top_p=1.0, cfg_scale=2.0, kv_cache=True))
   if arg == "tiny":
     config.model.update(hidden_size=32, depth=2, num_heads=2, mlp_hidden=64)
   return config

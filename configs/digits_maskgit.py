@@ -34,9 +34,9 @@ def get_config(arg=None):
   config.optim.update(lr=1e-3, b1=0.9, b2=0.96, weight_decay=0.03, warmup_steps=100,
                       schedule="cosine", end_lr_factor=0.05, grad_clip=1.0)
   config.checkpoint.every_steps = 500
-  config.sample = dict(every_steps=1000, num_per_class=10, solver="maskgit", num_steps=8,
-                       randomize_temperature=1.0, softmax_temperature_annealing=True,
-                       guidance="linear", guidance_scale=2.0, guidance_scale_pow=3.0)
+  config.sample.update(dict(every_steps=1000, num_per_class=10, solver="maskgit", num_steps=8,
+                            randomize_temperature=1.0, softmax_temperature_annealing=True,
+                            guidance="linear", guidance_scale=2.0, guidance_scale_pow=3.0))
   config.evals.digits = dict(type="digits", every_steps=0, num_samples=1000, batch_size=500)
   if arg == "tiny":
     config.num_steps = 4
