@@ -11,8 +11,9 @@ Optimizer: AdamW lr 1e-3 (TiTok: 1e-4 at batch 256 for 1M steps), betas (0.9, 0.
 
 Launch:   tesserax train --config digits_titok --workdir workdirs/digits_titok
           (writes workdirs/digits_titok/tokenizer at the end)
-Runtime:  see README, "TiTok".
-Expected: see README, "TiTok" (PSNR of test-split reconstructions rising with the token count).
+Runtime:  about 1.5 minutes at ~18 steps/s on 2 loaded CPU cores.
+Expected: test-split PSNR about 16 dB at 4-16 tokens; not yet rising with the token count
+          (README, "TiTok and TA-TiTok", the demo's figures).
 
 `get_config("tiny")` is the test size; `get_config("tokens=8")` sets the token count.
 """
