@@ -40,7 +40,6 @@ generators/maskgit.py `official_keys`; `model.embeddings.position_ids` (a buffer
 transformers versions saved) is accepted and not kept.
 """
 import os
-import pathlib
 import re
 
 import jax
@@ -92,21 +91,6 @@ def torch_shape(rule) -> tuple:
   return tuple(shape) if perm is None else tuple(shape[perm.index(i)] for i in range(len(perm)))
 
 
-def read(src) -> weights.Tensors:
-  """The flat state dict of `src`: .safetensors / .npz directly, a PyTorch file (needs torch)
-  through its "state_dict" entry where it has one."""
-  src = pathlib.Path(src)
-  if src.suffix in (".safetensors", ".npz"):
-    return weights.read_tensors(src)
-  content = torch_reader.read(str(src))
-  if isinstance(content.get("state_dict"), dict):
-    content = content["state_dict"]
-  tensors = {k: v for k, v in content.items() if isinstance(v, np.ndarray)}
-  if len(tensors) != len(content):
-    raise TesseraxError(f"{src}: not a state dict of tensors (entries "
-                        f"{', '.join(k for k in content if k not in tensors)[:200]})")
-  return weights.Tensors(src, {k: tuple(v.shape) for k, v in tensors.items()},
-                         lambda k: np.asarray(tensors[k], np.float32))
 
 
 def _listed(keys):
@@ -131,7 +115,7 @@ def check(tensors, expected: dict, what: str, optional: dict = None) -> None:
 
 def params_of(src, factory, what: str, optional: dict = None) -> dict:
   """Flat tesserax params of the network `factory` builds from the official file `src`."""
-  tensors = read(src)
+  tensors = torch_reader.read_state_dict(src)
   key_rules = rules(factory)
   check(tensors, {k: torch_shape(r) for k, r in key_rules.items()}, what, optional)
   present = {k: s for k, s in (optional or {}).items() if k in tensors.shapes}
@@ -195,7 +179,7 @@ def generator_rules(model_config) -> dict:
 
 def generator_params(src, model_config, what) -> dict:
   """Flat tesserax params of a MaskGIT generator from the official file `src`."""
-  tensors = read(src)
+  tensors = torch_reader.read_state_dict(src)
   key_rules = generator_rules(model_config)
   optional = ({POSITION_IDS: (1, model_config.seq_len + 1)}
               if model_config.name == "maskgit_bert" else None)

@@ -12,6 +12,7 @@ raw bytes in the host's order, little-endian on x86 and ARM), or as a PyTorch fi
 """
 import json
 import os
+import pathlib
 import struct
 
 import ml_dtypes
@@ -89,3 +90,20 @@ def _read_torch(path):
     return value
 
   return to_numpy(content)
+
+
+def read_state_dict(src) -> weights.Tensors:
+  """The flat state dict of `src`: .safetensors / .npz directly, a PyTorch file (needs torch)
+  through its "state_dict" entry where it has one."""
+  src = pathlib.Path(src)
+  if src.suffix in (".safetensors", ".npz"):
+    return weights.read_tensors(src)
+  content = read(str(src))
+  if isinstance(content.get("state_dict"), dict):
+    content = content["state_dict"]
+  tensors = {k: v for k, v in content.items() if isinstance(v, np.ndarray)}
+  if len(tensors) != len(content):
+    raise TesseraxError(f"{src}: not a state dict of tensors (entries "
+                        f"{', '.join(k for k in content if k not in tensors)[:200]})")
+  return weights.Tensors(src, {k: tuple(v.shape) for k, v in tensors.items()},
+                         lambda k: np.asarray(tensors[k], np.float32))

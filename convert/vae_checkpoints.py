@@ -73,21 +73,6 @@ def diffusers_key(ldm_key: str, num_levels: int, legacy_attention: bool = False)
                 lambda m: f"{m[1]}.{attn[m[2]]}.", key)
 
 
-def _read(src) -> weights.Tensors:
-  """The state dict in `src`: .safetensors / .npz directly, a PyTorch file (needs torch)
-  through its "state_dict" entry where it has one."""
-  src = pathlib.Path(src)
-  if src.suffix in (".safetensors", ".npz"):
-    return weights.read_tensors(src)
-  content = torch_reader.read(str(src))
-  if isinstance(content.get("state_dict"), dict):
-    content = content["state_dict"]
-  tensors = {k: v for k, v in content.items() if isinstance(v, np.ndarray)}
-  if len(tensors) != len(content):
-    raise TesseraxError(f"{src}: not a state dict of tensors (entries "
-                        f"{', '.join(k for k in content if k not in tensors)[:200]})")
-  return weights.Tensors(src, {k: v.shape for k, v in tensors.items()},
-                         lambda k: np.asarray(tensors[k], np.float32))
 
 
 def _check_keys(tensors, expected, what):
@@ -102,7 +87,7 @@ def _check_keys(tensors, expected, what):
 
 def vavae_params(src, config) -> dict:
   """Flat flax params of an official VA-VAE file, its training-only keys dropped."""
-  tensors = _read(src)
+  tensors = torch_reader.read_state_dict(src)
   dropped = {k: s for k, s in tensors.shapes.items() if _VAVAE_TRAINING_ONLY.search(k)}
   rules = ldm_rules(config)
   _check_keys(tensors, set(rules) | set(dropped), "VA-VAE (LDM AutoencoderKL)")
@@ -112,7 +97,7 @@ def vavae_params(src, config) -> dict:
 def diffusers_params(src, config) -> dict:
   """Flat flax params of a diffusers AutoencoderKL file. Attention projections are Linear
   [out, in] there (1x1 convs [out, in, 1, 1] in the LDM layout)."""
-  tensors = _read(src)
+  tensors = torch_reader.read_state_dict(src)
   legacy = any(".attentions.0.query." in k for k in tensors.shapes)
   rules, shapes = {}, {}
   for ldm_key, (flax_key, shape, perm) in ldm_rules(config).items():
@@ -129,7 +114,7 @@ def diffusers_params(src, config) -> dict:
 def read_stats(path, embed_dim) -> dict:
   """{"mean", "std"} float32 [embed_dim] from a latents_stats file (any shape holding one value
   per channel, e.g. [1, C, 1, 1])."""
-  tensors = _read(path)
+  tensors = torch_reader.read_state_dict(path)
   _check_keys(tensors, {"mean", "std"}, "latent statistics")
   stats = {k: tensors.read(k).reshape(-1) for k in ("mean", "std")}
   for k, v in stats.items():
