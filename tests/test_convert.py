@@ -75,7 +75,7 @@ def read_safetensors(path):
           for k, v in header.items() if k != "__metadata__" and v["dtype"] in dtypes}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def converted(tmp_path_factory):
   """kind -> (official state_dict, source path, workdir)."""
   out = {}

@@ -63,7 +63,7 @@ def _assert_same_examples(images, labels, expected):
   assert got == want
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("tfds")
   pipeline.build("digits", str(data_dir))

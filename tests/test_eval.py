@@ -177,12 +177,12 @@ def test_all_processes_combines_two_processes_exactly(tmp_path):
 # ---------------------------------------------------------------------------- digits
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("cache")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def digits_net(cache_dir):
   return load_digits_net(16, cache_dir=cache_dir)
 

@@ -254,7 +254,7 @@ def rel_err(a, b):
 # ------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def converted(tmp_path_factory):
   """(official state dict, the converted tokenizer directory loaded, the checkpoint path)."""
   root = tmp_path_factory.mktemp("flextok")
@@ -265,7 +265,7 @@ def converted(tmp_path_factory):
   return sd, tokenizer.load(directory), src
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def inputs():
   rng = np.random.default_rng(1)
   images = rng.uniform(-1, 1, (2, SIDE, SIDE, C)).astype(np.float32)

@@ -150,7 +150,7 @@ pairs.generate(t.teacher, {eight_dir!r}, batch_size=8, log=lambda *_: None, **t.
 """
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def device_caches(tmp_path_factory):
   """Pair caches written on 1 and on 8 (fake CPU) devices, in a subprocess."""
   root = tmp_path_factory.mktemp("pairs")

@@ -91,7 +91,7 @@ def test_official_table_matches_the_published_counts():
   assert sizes["fc.weight"] + sizes["fc.bias"] == 2_065_392
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
   """(official state dict, InceptionV3 loaded from it through the .npz loader)."""
   state = random_state_dict()

@@ -94,7 +94,7 @@ class Straight:
     return workdir
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def straight(digits_data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("straight") / "run")
   log = []

@@ -365,7 +365,7 @@ def one_line_error(fn, *match):
   return message
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
   """The tiny VA-VAE in float32, from a converted random checkpoint (a random
   initialisation runs op by op and takes longer)."""

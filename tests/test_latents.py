@@ -77,17 +77,17 @@ def _records(cache_dir):
           for k in ("index", "label", "latent", "latent_flip")}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
   return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"), seed=1)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cache(tokenizer_dir, digits_data_dir, tmp_path_factory):
   return _encode(tokenizer_dir, digits_data_dir, tmp_path_factory.mktemp("cache") / "c")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def records(cache):
   return _records(cache)
 
@@ -289,7 +289,7 @@ def expected_ids(images):
   return (sums * LEVELS // (PATCH * PATCH * 256))[..., None]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def token_cache(digits_data_dir, tmp_path_factory):
   config = ml_collections.ConfigDict(dict(resolution=16, channels=1))
   tokenizer_dir = tokenizer.save(tmp_path_factory.mktemp("patch_levels"), "patch_levels",

@@ -26,7 +26,7 @@ from tesserax.eval.frechet import frechet_distance
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
   """A cache directory holding a random-weight Inception under the official file stem."""
   directory = tmp_path_factory.mktemp("cache")
@@ -34,7 +34,7 @@ def cache_dir(tmp_path_factory):
   return directory
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def model(cache_dir):
   return weights.load("inception", cache_dir)
 
@@ -195,7 +195,7 @@ def test_ssim_matches_float64_wang_et_al():
   assert metrics.reconstruction_metrics(a, a, ("ssim",))["ssim"] == pytest.approx(1, abs=1e-6)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lpips_model():
   """LPIPS with random VGG16 weights and non-negative heads, as in lpips v0.1."""
   rng = np.random.RandomState(6)
@@ -238,7 +238,7 @@ def test_rfid_is_the_distance_between_original_and_reconstruction_statistics(
 # --------------------------------------------------------------- generation metrics, references
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ref_file(model, tmp_path_factory):
   images = random_images(10, 8)
   ref = reference.compute(images, inception=model, keep_images=5, batch_size=4)

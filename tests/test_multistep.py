@@ -151,7 +151,7 @@ def heun_on_host(velocity, x, times):
   return x
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def endpoint_errors():
   """RMS endpoint error against a 2048-step Heun solution from the same noise, per solver and
   NFE, on tesserax's grid from t = 1."""

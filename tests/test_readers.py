@@ -207,7 +207,7 @@ def test_convert_refuses_a_pt_that_weights_only_loading_refuses(tmp_path, capsys
   assert not (tmp_path / "ran").exists()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
   from test_latents import tiny_tokenizer
   return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"), seed=0)

@@ -22,13 +22,13 @@ from tesserax.tokenizers import reconstruct, tokenizer
 RESOLUTION = 16
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
   """A random-weight tokenizer directory (16x16 -> 8x8x4)."""
   return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"), seed=1)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def model(tokenizer_dir):
   return tokenizer.load(tokenizer_dir).model
 

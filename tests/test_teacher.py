@@ -22,7 +22,7 @@ def distill_loss(apply, params, batch, ctx):
   return loss, {"loss": loss}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def teacher_workdir(tmp_path_factory, digits_data_dir):
   from tesserax.core import config as config_lib
   registry.OBJECTIVES.register("test_distill", lambda config: Objective(distill_loss, {}))

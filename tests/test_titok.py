@@ -389,7 +389,7 @@ def nhwc(x01):
   return x01.transpose(0, 2, 3, 1) * 2 - 1
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def legacy(tmp_path_factory):
   config = tiny("titok_l32", enc_depth=2)
   sd = random_state_dict(titok_shapes(config), seed=1)

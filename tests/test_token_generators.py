@@ -189,7 +189,7 @@ def _tiny_ar(**kw):
                                   hidden_size=8, depth=2, num_heads=2, mlp_hidden=12, **kw)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ar_net():
   return _random_net(autoregressive.AutoregressiveTransformer, _tiny_ar(), 2)
 

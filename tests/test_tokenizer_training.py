@@ -20,7 +20,7 @@ from tesserax.training import loop
 pytestmark = pytest.mark.xdist_group("tokenizer_training")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(digits_data_dir, tmp_path_factory):
   """(setup, final state, workdir) of a 4-step tiny run; its compiled step serves every test."""
   config = config_lib.load("digits_kl:tiny")

@@ -152,7 +152,7 @@ def test_full_size_vitl14_key_table_is_accepted_up_to_the_broken_key(tmp_path):
 SMALL = dict(width=32, depth=2, heads=4, grid=3)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def small_dinov2(tmp_path_factory):
   """A small DINOv2 (official key names) loaded from an .npz, and its state dict."""
   rng = np.random.RandomState(1)
@@ -278,7 +278,7 @@ LIN_SHAPES = {f"lin{k}.model.1.weight": (1, c, 1, 1)
               for k, c in enumerate((64, 128, 256, 512, 512))}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lpips_files(tmp_path_factory):
   """(directory, vgg16 state, lin state): the official pair under their stems, as
   .safetensors (classifier left sparse) and .npz."""
