@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 from flax import traverse_util
 
+from tesserax.backbones import convnext
 from tesserax.backbones.dinov2 import DinoV2
 from tesserax.backbones.inception import InceptionV3
 from tesserax.backbones.vgg_lpips import LPIPS, TORCH_CONV_INDICES
@@ -69,6 +70,11 @@ REGISTRY = {
                    "lpips/weights/v0.1/vgg.pth",
                    "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868"),
     ),
+    # torchvision ConvNeXt_Small_Weights.IMAGENET1K_V1 (TiTok's ConvNeXt-S logit loss); the name
+    # carries the first 8 hex digits of its sha256 (torch hub), the full one is not published.
+    "convnext_small": (WeightFile(
+        "convnext_small-0c510722.pth",
+        "https://download.pytorch.org/models/convnext_small-0c510722.pth", None),),
     # Tokenizers (Hugging Face model repos; no checksums published): fetched here, then
     # `tesserax convert --kind vavae-f16d32|sd-vae-ft-ema|sd-vae-ft-mse --src FILE`.
     "vavae_f16d32": (
@@ -93,6 +99,7 @@ FACTORIES = {
     "inception": lambda: InceptionV3(rngs=nnx.Rngs(0)),
     "dinov2_vitl14": lambda: DinoV2(rngs=nnx.Rngs(0)),
     "lpips_vgg": lambda: LPIPS(rngs=nnx.Rngs(0)),
+    "convnext_small": lambda: convnext.ConvNeXt(rngs=nnx.Rngs(0)),
 }
 
 
@@ -421,5 +428,12 @@ def lpips_vgg_params(vgg16_path, lin_path) -> dict:
           **convert(read_tensors(lin_path), lins)}
 
 
+def convnext_params(path, **config) -> dict:
+  """torchvision convnext_small-0c510722.pth -> ConvNeXt params (config: ConvNeXt's keyword
+  arguments, ConvNeXt-S by default); every key is used, the classifier included."""
+  expected = _expected(lambda: convnext.ConvNeXt(rngs=nnx.Rngs(0), **config))
+  return convert(read_tensors(path), convnext.torchvision_rules(expected))
+
+
 CONVERTERS = {"inception": inception_params, "dinov2_vitl14": dinov2_params,
-              "lpips_vgg": lpips_vgg_params}
+              "lpips_vgg": lpips_vgg_params, "convnext_small": convnext_params}

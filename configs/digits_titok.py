@@ -16,11 +16,25 @@ Expected: test-split PSNR about 16 dB at 4-16 tokens; not yet rising with the to
           (README, "TiTok and TA-TiTok", the demo's figures).
 
 `get_config("tiny")` is the test size; `get_config("tokens=8")` sets the token count.
+
+The two-stage recipe at digits scale (tasks/titok_task.py), a legacy TiTok whose proxy codes
+and pixel decoder come from a random MaskGIT-VQGAN (`loss.vqgan = "random"`: 64 codes of 32
+dims on the 4x4 grid, ch 32, ch_mult (1, 1, 2), one res block per level):
+  tesserax train --config digits_titok:stage1 --workdir workdirs/digits_titok_stage1
+  tesserax train --config digits_titok:stage2 --workdir workdirs/digits_titok_stage2 \
+      --config.loss.stage1=workdirs/digits_titok_stage1/tokenizer
+Stage 2 adds the hinge GAN (the MaskBit discriminator, hidden 32, two stages) at weight 0.01
+from step 500 with LeCam 0.001, the digits classifier's logit loss standing in for ConvNeXt-S.
+`get_config("gan")` is the single-stage recipe with that GAN; "stage1_tiny" / "stage2_tiny"
+are the test sizes.
 """
+import ml_collections
+
 from tesserax.core.config import base_config
 from tesserax.tokenizers import titok
 
-ARGS = ("tiny", "tokens=4", "tokens=8", "tokens=16", "tokens=32")
+ARGS = ("tiny", "tokens=4", "tokens=8", "tokens=16", "tokens=32", "gan", "stage1", "stage2",
+        "stage1_tiny", "stage2_tiny")
 
 
 def get_config(arg=None):
@@ -40,8 +54,12 @@ def get_config(arg=None):
       channels=1, enc_width=64, enc_depth=2, enc_heads=2, dec_width=64, dec_depth=2,
       dec_heads=2)
   config.model.name = "titok"
-  config.loss = dict(reconstruction_weight=1.0, perceptual="digits_net", perceptual_weight=0.1,
-                     quantizer_weight=1.0, kl_weight=1e-6)
+  config.loss = dict(recipe="single_stage", reconstruction_weight=1.0, perceptual="digits_net",
+                     perceptual_weight=0.1, quantizer_weight=1.0, kl_weight=1e-6,
+                     discriminator_weight=0.0, discriminator_start=500,
+                     discriminator_factor=1.0, lecam_weight=0.001, lecam_decay=0.999,
+                     vqgan="", stage1="")
+  config.disc = dict(hidden=32, num_stages=2, pool_size=4)
   config.optim.update(lr=1e-3, b1=0.9, b2=0.99, weight_decay=1e-4, warmup_steps=100,
                       schedule="cosine", end_lr_factor=0.1, grad_clip=1.0)
   config.checkpoint.every_steps = 500
@@ -49,6 +67,23 @@ def get_config(arg=None):
   config.evals.recon = dict(type="recon_digits", every_steps=0, split="test",
                             num_samples=297, batch_size=297)
   config.export = dict(num_images=297)
+  config.disc_optim = config.optim.to_dict()
+  if arg in ("gan", "stage2", "stage2_tiny"):
+    config.loss.discriminator_weight = 0.01 if arg.startswith("stage2") else 0.1
+  if arg and arg.startswith(("stage1", "stage2")):
+    stage2 = arg.startswith("stage2")
+    config.model.update(legacy=True, finetune_decoder=stage2, pixel_codebook_size=64,
+                        pixel=ml_collections.ConfigDict(dict(
+                            resolution=16, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1,
+                            z_channels=32, codebook_size=64, in_channels=1,
+                            dtype="float32")))
+    config.loss.update(recipe="stage2" if stage2 else "stage1", vqgan="random")
+  if arg and arg.endswith("_tiny"):
+    config.num_steps = 4
+    config.batch_size = 4
+    config.sample.every_steps = 0
+    config.model.update(enc_width=32, dec_width=32, enc_depth=1, dec_depth=1)
+    config.loss.discriminator_start = 2
   if arg == "tiny":
     config.num_steps = 4
     config.batch_size = 8

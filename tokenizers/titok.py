@@ -339,13 +339,13 @@ class TiTok(nnx.Module):
   def __call__(self, images, text=None, key=None):
     """The training forward (TiTok.forward): (decoder output, aux). The output is images in
     [-1, 1], or for a legacy model without pixel decoder (stage 1) the logits over the
-    MaskGIT-VQGAN codes. aux: VQ {"ids", "distances", "quantizer_loss", "commitment_loss",
-    "codebook_loss"}; VAE {"mean", "logvar", "kl"}, the decoder fed a posterior sample (`key`)
+    MaskGIT-VQGAN codes. aux: VQ {"ids", "distances", "features" (the unquantized encoder
+    output), "quantizer_loss", "commitment_loss", "codebook_loss"}; VAE {"mean", "logvar", "kl"}, the decoder fed a posterior sample (`key`)
     or the mean (key None)."""
     z = self.encode_features(images)
     if self.is_discrete:
       latents, ids, losses, d = self.quantize(z)
-      aux = dict(losses, ids=ids, distances=d)
+      aux = dict(losses, ids=ids, distances=d, features=z)
     else:
       mean, logvar = quantizers.gaussian_posterior(z)
       latents = kl_autoencoder.sample(mean, logvar, key)
