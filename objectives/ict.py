@@ -48,7 +48,10 @@ def loss(apply, params, batch, ctx, *, settings, total_steps):
                            sigma_max=settings.sigma_max, rho=settings.rho)
   sigmas = grid(jnp.arange(settings.s1 + 1, dtype=jnp.float32))
   logits = proposal_logits(sigmas, n, settings.p_mean, settings.p_std)
-  i = jax.random.categorical(key_i, logits, shape=(x0.shape[0],))
+  # Inverse-CDF draw: one uniform per example, not a Gumbel over every level of the grid.
+  cdf = jnp.cumsum(jax.nn.softmax(logits))
+  u = jax.random.uniform(key_i, (x0.shape[0],)) * cdf[-1]
+  i = jnp.minimum(jnp.searchsorted(cdf, u, side="right"), len(cdf) - 1)
   sigma, sigma_next = sigmas[i], sigmas[i + 1]
   z = jax.random.normal(key_z, x0.shape, x0.dtype)
   target = jax.lax.stop_gradient(params)
