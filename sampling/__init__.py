@@ -4,3 +4,4 @@ from tesserax.sampling import ddpm_sampler, flow_map, multistep, sample  # regis
 from tesserax.sampling import autoregressive_decode, maskgit_decode  # registers token samplers
 from tesserax.sampling import reflow_sampler  # registers samplers
 from tesserax.sampling import consistency  # registers the consistency samplers
+from tesserax.sampling import flowturbo_sampler  # registers the FlowTurbo sampler

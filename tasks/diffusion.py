@@ -26,6 +26,8 @@ from tesserax.core.errors import TesseraxError
 from tesserax.objectives.context import Context
 from tesserax.sampling import sample as sample_lib
 
+REFINER = "velocity_refiner"  # the prediction kind of objectives/flowturbo.py
+
 
 def build_network(model_config, seed: int = 0):
   return registry.NETWORKS.get(model_config.name)(model_config, rngs=nnx.Rngs(seed))
@@ -76,9 +78,16 @@ class DiffusionTask:
     return model(x, t, labels, train, s=s, guidance=guidance)
 
   def predictions(self):
-    """{kind: predict(params, x, time, labels)} of the objective, for the samplers."""
-    return {kind: functools.partial(fn, self.apply)
-            for kind, fn in self.objective.predictions.items()}
+    """{kind: predict(params, x, time, labels)} of the objective, for the samplers. A refiner
+    of the teacher's velocity (FlowTurbo, kind "velocity_refiner") samples together with its
+    teacher: its entry is the pair (teacher velocity, refiner)."""
+    kinds = {kind: functools.partial(fn, self.apply)
+             for kind, fn in self.objective.predictions.items()}
+    if REFINER in kinds:
+      if not self.teacher:
+        raise TesseraxError("a velocity refiner samples with its teacher; set teacher.workdir")
+      kinds[REFINER] = (self.teacher[0], kinds[REFINER])
+    return kinds
 
   def _init(self):
     model = build_network(self.model_config, self.config.seed)
@@ -101,14 +110,18 @@ class DiffusionTask:
     """Samples for `labels` (host int32) as host float32 NHWC; `settings` (default
     config.sample) choose the sampler (sampling/sample.py). Batches of `batch_size` (default
     all) are split over the mesh; batch i starts from normal noise of fold_in(key, i) and
-    draws any sampler noise from fold_in(fold_in(key, i), 1). A model trained on a latent
+    draws any sampler noise from fold_in(fold_in(key, i), 1). A velocity refiner's sampler
+    gets (teacher params, params) and noise of the teacher's shape. A model trained on a latent
     cache returns images decoded by the cache's tokenizer unless `decode` is False; otherwise
     its normalised latents."""
     c = self.config
     settings = settings or c.sample
     sample = sample_lib.build(settings, self.predictions(), null_label=c.model.num_classes,
                               mesh=self.mesh)
-    shape = (c.data.resolution, c.data.resolution, c.model.in_channels)
+    channels = c.model.in_channels
+    if registry.SAMPLERS.get(settings.solver).consumes == REFINER:
+      params, channels = (self.teacher[1], params), channels // 2  # the refiner takes [x | v]
+    shape = (c.data.resolution, c.data.resolution, channels)
 
     def run(i, labels):
       noise = sharding.sharded_normal(jax.random.fold_in(key, i), labels.shape + shape,
