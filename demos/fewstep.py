@@ -1,10 +1,11 @@
 """`tesserax demo --fewstep`: few-step students of the digits demo's rectified-flow DiT.
 
 The teacher is the pixel demo's model (configs/digits_dit.py), trained in WORKDIR/teacher
-unless `--teacher` names a finished run of it. Every student recipe in STUDENTS then starts
-from the teacher's parameters (`teacher.init_student`; leaves the teacher lacks, such as a
-second time input, start fresh), sees the teacher in its objective context where it distils,
-and trains in WORKDIR/students/NAME. All models sample the same labels from the same noise and
+unless `--teacher` names a finished run of it. Every student recipe in STUDENTS (by default
+DEFAULT_STUDENTS: all but SlimFlow) then starts from the teacher's parameters
+(`teacher.init_student`; leaves the teacher lacks, such as a second time input, start fresh;
+FlowTurbo's refiner and SlimFlow's smaller student start from scratch), sees the teacher in its
+objective context where it distils, and trains in WORKDIR/students/NAME. All models sample the same labels from the same noise and
 are scored by the digits feature network. Writes to the workdir:
   fewstep.json   FID-digits and class accuracy: the teacher with every flow solver at NFE
                  1-32, each student at NFE 1, 2 and 4, and the real-data floor;
@@ -54,6 +55,12 @@ def _jumps(nfe):
   return {"num_steps": nfe}
 
 
+def _flowturbo(nfe):
+  """FlowTurbo's step mix H1 P(nfe-2) R2 (one Heun step, pseudo-corrector steps reusing the
+  last velocity, two refiner steps): nfe + 1 grid steps for nfe evaluations."""
+  return {"num_steps": nfe + 1, "heun_steps": 1, "refine_steps": 2}
+
+
 def _consistency(nfe):
   """Multistep consistency sampling: ECT's CIFAR-10 mid-point 0.821 for two steps, and for
   four the ImageNet-64 one (1.526) plus a lower level of our choosing (0.3)."""
@@ -69,10 +76,15 @@ STUDENTS = {
     "shortcut": Student("digits_shortcut", {n: _jumps(n) for n in STUDENT_NFE}),
     "scd": Student("digits_scm", {n: {"num_steps": n} for n in (1, 2)}),
     "ctm": Student("digits_ctm", {n: _consistency(n) for n in STUDENT_NFE}),
+    "flowturbo": Student("digits_flowturbo", {n: _flowturbo(n) for n in (2, 4)}),
+    "slimflow": Student("digits_slimflow", {n: _jumps(n) for n in STUDENT_NFE}),
 }
+# SlimFlow's small student trains from scratch on online teacher pairs: about 20 minutes on
+# 2 CPU cores for 600 steps, so it runs only when named (--students slimflow).
+DEFAULT_STUDENTS = tuple(name for name in STUDENTS if name != "slimflow")
 
 
-def run(workdir: str, teacher_workdir: str | None = None, students=tuple(STUDENTS),
+def run(workdir: str, teacher_workdir: str | None = None, students=DEFAULT_STUDENTS,
         overrides=None, size: str = "", teacher_nfe=TEACHER_NFE) -> dict | None:
   """Train (or resume) the teacher and `students`, score them all; None if preempted.
   `overrides` ({"KEY": "VALUE"}, the command's --config.KEY=VALUE) apply to every student;
@@ -113,7 +125,8 @@ def run(workdir: str, teacher_workdir: str | None = None, students=tuple(STUDENT
         score_at(teacher_task, teacher_state["ema"], f"teacher/{solver}", nfe,
                  demo.sweep_settings(entry.solver, entry.steps(nfe), 1.0))
   for name, config in configs.items():
-    config.teacher = dict(workdir=os.path.abspath(teacher_workdir), init_student=True)
+    init_student = config.teacher.init_student if "teacher" in config else True
+    config.teacher = dict(workdir=os.path.abspath(teacher_workdir), init_student=init_student)
     config.data.data_dir = c.data.data_dir
     trained = demo._train(config, os.path.join(workdir, "students", name))
     if trained is None:
