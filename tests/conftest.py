@@ -41,3 +41,16 @@ def _compile_once(tmp_path_factory):
 def _cache_dir(tmp_path_factory):
   """One cache (the digits feature network) for the whole session, outside $HOME."""
   os.environ["TESSERAX_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_workdir(tmp_path_factory, digits_data_dir):
+  """A finished digits_dit:tiny run whose output layer has moved off its zero init: the frozen
+  teacher of the distillation tests."""
+  from tesserax.training import loop
+  config = config_lib.load("digits_dit:tiny")
+  config.data.data_dir = digits_data_dir
+  config.optim.update(lr=1e-2, warmup_steps=0)  # moves the zero-initialised output layer
+  workdir = str(tmp_path_factory.mktemp("teacher"))
+  loop.train(config, workdir, log=lambda *_: None)
+  return workdir

@@ -283,24 +283,13 @@ def test_a_slimflow_student_of_another_shape_than_the_pairs_is_refused_in_one_li
     assert "\n" not in str(error.value)
 
 
-@pytest.fixture(scope="session")
-def teacher_workdir(tmp_path_factory, digits_data_dir):
-  from tesserax.training import loop
-  config = config_lib.load("digits_dit:tiny")
-  config.data.data_dir = digits_data_dir
-  config.optim.update(lr=1e-2, warmup_steps=0)  # moves the zero-initialised output layer
-  workdir = str(tmp_path_factory.mktemp("teacher"))
-  loop.train(config, workdir, log=lambda *_: None)
-  return workdir
-
-
-def test_a_flowturbo_refiner_trains_and_samples_with_its_teacher(teacher_workdir,
+def test_a_flowturbo_refiner_trains_and_samples_with_its_teacher(tiny_teacher_workdir,
                                                                  digits_data_dir):
   from tesserax.sampling.guidance import guided_velocity
   from tesserax.tasks import diffusion
   config = config_lib.load("digits_flowturbo:tiny")
   config.data.data_dir = digits_data_dir
-  config.teacher.workdir = teacher_workdir
+  config.teacher.workdir = tiny_teacher_workdir
   task = diffusion.DiffusionTask(config, sharding.local_mesh())
   state = task.init()
   batch = {"image": np.random.default_rng(0).uniform(-1, 1, (16, 16, 16, 1)).astype(np.float32),

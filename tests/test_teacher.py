@@ -9,7 +9,7 @@ from tesserax.core import registry, sharding
 from tesserax.core.errors import TesseraxError
 from tesserax.objectives.context import Objective
 from tesserax.tasks import diffusion
-from tesserax.training import loop, task as task_lib
+from tesserax.training import task as task_lib
 
 
 def distill_loss(apply, params, batch, ctx):
@@ -22,16 +22,7 @@ def distill_loss(apply, params, batch, ctx):
   return loss, {"loss": loss}
 
 
-@pytest.fixture(scope="session")
-def teacher_workdir(tmp_path_factory, digits_data_dir):
-  from tesserax.core import config as config_lib
-  registry.OBJECTIVES.register("test_distill", lambda config: Objective(distill_loss, {}))
-  config = config_lib.load("digits_dit:tiny")
-  config.data.data_dir = digits_data_dir
-  config.optim.update(lr=1e-2, warmup_steps=0)  # moves the zero-initialised output layer
-  workdir = str(tmp_path_factory.mktemp("teacher"))
-  loop.train(config, workdir, log=lambda *_: None)
-  return workdir
+registry.OBJECTIVES.register("test_distill", lambda config: Objective(distill_loss, {}))
 
 
 def student_config(tiny_config, teacher_workdir, **model):
@@ -43,9 +34,9 @@ def student_config(tiny_config, teacher_workdir, **model):
 
 
 def test_a_student_starting_from_its_teacher_has_zero_distillation_loss(tiny_config,
-                                                                        teacher_workdir):
-  _, teacher_state = task_lib.load_workdir(teacher_workdir)
-  task = diffusion.DiffusionTask(student_config(tiny_config, teacher_workdir),
+                                                                        tiny_teacher_workdir):
+  _, teacher_state = task_lib.load_workdir(tiny_teacher_workdir)
+  task = diffusion.DiffusionTask(student_config(tiny_config, tiny_teacher_workdir),
                                  sharding.local_mesh())
   state = task.init()
   for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(teacher_state["ema"])):
@@ -54,12 +45,12 @@ def test_a_student_starting_from_its_teacher_has_zero_distillation_loss(tiny_con
            "label": np.arange(16, dtype=np.int32) % 10}
   _, metrics = task.train_step(state, batch)
   assert float(metrics["loss"]) == 0.0
-  fresh = student_config(tiny_config.copy_and_resolve_references(), teacher_workdir)
+  fresh = student_config(tiny_config.copy_and_resolve_references(), tiny_teacher_workdir)
   fresh.teacher.init_student = False
   task = diffusion.DiffusionTask(fresh, sharding.local_mesh())
   state = task.init()
   t = jax.random.uniform(jax.random.fold_in(state["rng"], 0), (16,))
-  teacher_task, _ = task_lib.load_workdir(teacher_workdir)
+  teacher_task, _ = task_lib.load_workdir(tiny_teacher_workdir)
   velocity = teacher_task.predictions()["velocity"](teacher_state["ema"], batch["image"], t,
                                                     batch["label"])
   _, metrics = task.train_step(state, batch)
@@ -70,10 +61,10 @@ def test_a_student_starting_from_its_teacher_has_zero_distillation_loss(tiny_con
 
 
 def test_a_student_with_a_second_time_keeps_only_its_new_leaves_fresh(tiny_config,
-                                                                      teacher_workdir):
-  _, teacher_state = task_lib.load_workdir(teacher_workdir)
-  task = diffusion.DiffusionTask(student_config(tiny_config, teacher_workdir, second_time=True),
-                                 sharding.local_mesh())
+                                                                      tiny_teacher_workdir):
+  _, teacher_state = task_lib.load_workdir(tiny_teacher_workdir)
+  config = student_config(tiny_config, tiny_teacher_workdir, second_time=True)
+  task = diffusion.DiffusionTask(config, sharding.local_mesh())
   params = task.init()["params"]
   teacher = teacher_state["ema"]
   assert "s_embedder" in params and "s_embedder" not in teacher
@@ -82,8 +73,9 @@ def test_a_student_with_a_second_time_keeps_only_its_new_leaves_fresh(tiny_confi
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_a_teacher_of_another_architecture_is_refused_in_one_line(tiny_config, teacher_workdir):
-  config = student_config(tiny_config, teacher_workdir, hidden_size=64)
+def test_a_teacher_of_another_architecture_is_refused_in_one_line(tiny_config,
+                                                                  tiny_teacher_workdir):
+  config = student_config(tiny_config, tiny_teacher_workdir, hidden_size=64)
   with pytest.raises(TesseraxError, match="another architecture") as error:
     diffusion.DiffusionTask(config, sharding.local_mesh()).init()
   assert "\n" not in str(error.value)
