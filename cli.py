@@ -1,15 +1,17 @@
 """The `tesserax` command.
 
-  tesserax demo   [--latent] [--workdir DIR] [--config.KEY=VALUE ...]
+  tesserax demo   [--latent | --fewstep | --tokens | --flextok] [--workdir DIR] [--config.KEY=VALUE ...]
   tesserax train  --config NAME_OR_PATH[:ARG] --workdir DIR [--init_from DIR] [--config.KEY=VALUE ...]
   tesserax sample --workdir DIR --num N [--sampler NAME] [--steps K] [--cfg S]
                   [--interval LO HI] [--guided_channels K] [--sample.KEY=VALUE ...]
                   [--tokenizer DIR] --out FILE.npz
   tesserax eval   --samples FILE.npz|DIR [--ref REF.npz] --metrics fid,sfid,is,pr,fd_dinov2
   tesserax eval   --samples FILE.npz --metrics fid_digits,accuracy
-  tesserax reconstruct --tokenizer DIR --data FOLDER|NAME [--split S] [--resolution R] [--num N] --out DIR
+  tesserax reconstruct --tokenizer DIR --data FOLDER|NAME [--split S] [--resolution R] [--num N]
+                       [--tokens K] [--steps S] [--guidance_scale G] [--guidance apg|cfg] --out DIR
   tesserax eval-recon --originals FILE|DIR --reconstructions FILE|DIR [--metrics rfid,psnr,ssim,lpips]
   tesserax eval-recon --tokenizer DIR --data FOLDER|NAME [--split S] [--resolution R] [--num N]
+                      [--tokens K1,K2,..] [--steps S] [--guidance_scale G] [--guidance apg|cfg]
                       [--metrics rfid,psnr,ssim,lpips]
   tesserax data build NAME [--manual_dir DIR] [--data_dir DIR] [--resolution R]
   tesserax data reference NAME --split S --resolution R --out REF.npz
@@ -88,12 +90,17 @@ def _parser():
                     help="1D tokens (demos/tokens.py): digits TiToks with 4-32 tokens, their "
                          "reconstruction PSNR / FID-digits, a token cache and a MaskGIT "
                          "generator scored at 2-16 steps (default workdir workdirs/demo_tokens)")
+  demo.add_argument("--flextok", action="store_true",
+                    help="flexible-length tokens (demos/flextok_demo.py): a digits FlexTok trained "
+                         "end to end, its reconstructions from 1-16 tokens (PSNR / FID-digits "
+                         "per K), a token cache and an autoregressive generator scored per K "
+                         "(default workdir workdirs/demo_flextok)")
   demo.add_argument("--teacher", default=None,
                     help="with --fewstep: a finished `tesserax demo` workdir to use as the "
                          "teacher (default: train one in WORKDIR/teacher)")
   demo.add_argument("--students", default=None,
-                    help="with --fewstep: comma-separated student names (default: all of "
-                         "demos/fewstep.py STUDENTS)")
+                    help="with --fewstep: comma-separated student names (default: every one "
+                         "of demos/fewstep.py STUDENTS but slimflow, the slow one)")
 
   train = sub.add_parser("train", help="train a recipe",
                          description="Train a recipe from configs/; resumes from the workdir's "
@@ -162,6 +169,7 @@ def _parser():
                   "(the same names, for `eval-recon --originals --reconstructions`) and "
                   "OUT/pairs.png, the first 16 pairs side by side. " + EVAL_SET_HELP)
   _add_eval_set_flags(reconstruct)
+  _add_decode_flags(reconstruct, several=False)
   reconstruct.add_argument("--out", required=True, help="a new directory")
 
   recon = sub.add_parser(
@@ -173,6 +181,7 @@ def _parser():
   recon.add_argument("--originals", default=None, help="an .npz (arr_0) or an image folder")
   recon.add_argument("--reconstructions", default=None, help="the same, in the same order")
   _add_eval_set_flags(recon, required=False)
+  _add_decode_flags(recon, several=True)
   recon.add_argument("--metrics", default="rfid,psnr,ssim,lpips")
   recon.add_argument("--out", default=None, help="also write the results as JSON here")
 
@@ -271,6 +280,39 @@ def _add_eval_set_flags(parser, required=True):
   parser.add_argument("--batch_size", type=int, default=32)
 
 
+DECODE_HELP = ("a flexible-length tokenizer (FlexTok) decodes any prefix of an image's tokens "
+               "with its rectified-flow decoder; the defaults are the tokenizer's config")
+
+
+def _add_decode_flags(parser, several):
+  group = parser.add_argument_group("flexible-length decoding", DECODE_HELP)
+  if several:
+    group.add_argument("--tokens", default=None, metavar="K1,K2,..",
+                       help="decode from the first K tokens, K in 1..256, for each K given: "
+                            "metrics per K (default: all tokens)")
+  else:
+    group.add_argument("--tokens", type=int, default=None, metavar="K",
+                       help="decode from the first K tokens, K in 1..256 (default: all)")
+  group.add_argument("--steps", type=int, default=None, help="decoder Euler steps")
+  group.add_argument("--guidance_scale", type=float, default=None,
+                     help="decoder guidance scale (1: no guidance)")
+  group.add_argument("--guidance", default=None, choices=("apg", "cfg"),
+                     help="adaptive projected guidance or classifier-free guidance")
+
+
+def _token_counts(text):
+  """The K of `--tokens K1,K2,..` (None: all tokens)."""
+  if text is None:
+    return [None]
+  try:
+    counts = [int(k) for k in text.split(",") if k.strip()]
+  except ValueError:
+    raise TesseraxError(f"--tokens {text!r}: expected comma-separated integers") from None
+  if not counts:
+    raise TesseraxError("--tokens names no token count")
+  return counts
+
+
 def _initialize_distributed(args):
   from tesserax.core import distributed
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
@@ -289,6 +331,13 @@ def _cmd_train(args, overrides):
 def _cmd_demo(args, overrides):
   from tesserax.core import config as config_lib
   from tesserax.demos import demo
+  if args.flextok:
+    if overrides:
+      raise TesseraxError("--config.* overrides do not apply to demo --flextok (it runs "
+                          "digits_flextok and digits_ar as they are)")
+    from tesserax.demos import flextok_demo
+    flextok_demo.run(args.workdir or "workdirs/demo_flextok")
+    return
   if args.tokens:
     if overrides:
       raise TesseraxError("--config.* overrides do not apply to demo --tokens (it runs "
@@ -298,7 +347,7 @@ def _cmd_demo(args, overrides):
     return
   if args.fewstep:
     from tesserax.demos import fewstep
-    names = args.students.split(",") if args.students else tuple(fewstep.STUDENTS)
+    names = args.students.split(",") if args.students else fewstep.DEFAULT_STUDENTS
     unknown = [n for n in names if n not in fewstep.STUDENTS]
     if unknown:
       raise TesseraxError(f"unknown student {unknown[0]!r}; known: "
@@ -410,14 +459,22 @@ def _cmd_eval(args, overrides):
   _report(results, args.out)
 
 
-def _reconstruction_pairs(args):
-  """The streamed (originals, reconstructions) of --tokenizer on --data."""
-  from tesserax.tokenizers import reconstruct, tokenizer
+def _eval_set_tokenizer(args):
+  """The network of --tokenizer, once the eval-set flags are checked."""
+  from tesserax.tokenizers import tokenizer
   if args.num is not None and args.num < 1:
     raise TesseraxError(f"--num must be positive, got {args.num}")
   if args.batch_size < 1:
     raise TesseraxError(f"--batch_size must be positive, got {args.batch_size}")
-  model = tokenizer.load(args.tokenizer).model
+  return tokenizer.load(args.tokenizer).model
+
+
+def _reconstruction_pairs(args, model, tokens):
+  """The streamed (originals, reconstructions) of the tokenizer `model` on --data, decoded from
+  the first `tokens` tokens (None: all) with the decoder flags."""
+  from tesserax.tokenizers import reconstruct
+  settings = reconstruct.decode_settings(model, tokens, args.steps, args.guidance_scale,
+                                         args.guidance)
   folder = os.path.isdir(args.data)
   resolution = args.resolution or (reconstruct.OFFICIAL_RESOLUTION if folder
                                    else model.resolution)
@@ -425,14 +482,15 @@ def _reconstruction_pairs(args):
   batches, total = reconstruct.eval_set(args.data, resolution, split=args.split,
                                         data_dir=args.data_dir, num=args.num,
                                         batch_size=args.batch_size)
-  return reconstruct.pairs(model, batches, args.batch_size, total=total)
+  return reconstruct.pairs(model, batches, args.batch_size, total=total, settings=settings)
 
 
 def _cmd_reconstruct(args, overrides):
   from tesserax.data.preprocess import to_model_range
   from tesserax.eval.grid import save_grid
   from tesserax.tokenizers import reconstruct
-  count, side_by_side = reconstruct.write_pairs(_reconstruction_pairs(args), args.out)
+  pairs = _reconstruction_pairs(args, _eval_set_tokenizer(args), args.tokens)
+  count, side_by_side = reconstruct.write_pairs(pairs, args.out)
   save_grid(os.path.join(args.out, "pairs.png"), to_model_range(side_by_side), nrow=4,
             upscale=max(1, 64 // side_by_side.shape[1]))
   print(f"wrote {count} original/reconstruction pairs and pairs.png to {args.out}")
@@ -447,6 +505,11 @@ def _cmd_eval_recon(args, overrides):
     raise TesseraxError("eval-recon takes either --originals and --reconstructions, or "
                         "--tokenizer and --data")
   if paired:
+    decoding = [f for f in ("tokens", "steps", "guidance_scale", "guidance")
+                if getattr(args, f) is not None]
+    if decoding:
+      raise TesseraxError(f"--{decoding[0]} decodes with --tokenizer; paired images are "
+                          "decoded already")
     if args.originals is None or args.reconstructions is None:
       raise TesseraxError("--originals and --reconstructions go together")
     originals = reference.read_images(args.originals)
@@ -460,9 +523,28 @@ def _cmd_eval_recon(args, overrides):
     return
   if args.tokenizer is None or args.data is None:
     raise TesseraxError("--tokenizer and --data go together")
-  first, second = itertools.tee(_reconstruction_pairs(args))
-  _report(metrics_lib.reconstruction_metrics((a for a, _ in first), (b for _, b in second),
-                                             metrics), args.out)
+  from tesserax.tokenizers import reconstruct
+  counts = _token_counts(args.tokens)
+  model = _eval_set_tokenizer(args)
+  for k in counts:  # every K checked before any is computed
+    reconstruct.decode_settings(model, k, args.steps, args.guidance_scale, args.guidance)
+  results = {}
+  for k in counts:
+    first, second = itertools.tee(_reconstruction_pairs(args, model, k))
+    results[k] = metrics_lib.reconstruction_metrics((a for a, _ in first),
+                                                    (b for _, b in second), metrics)
+  if counts == [None]:
+    _report(results[None], args.out)
+    return
+  for k, scores in results.items():
+    print(f"tokens {k:>3}: " + "  ".join(f"{m} {v:.4f}" for m, v in scores.items()
+                                         if m != "num_samples")
+          + f"  ({scores['num_samples']} images)")
+  if args.out:
+    from tesserax.core.files import atomic_output
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with atomic_output(args.out) as tmp, open(tmp, "w") as f:
+      json.dump({"tokens": {str(k): v for k, v in results.items()}}, f, indent=2)
 
 
 def _cmd_convert(args, overrides):

@@ -9,3 +9,4 @@ import tesserax.tokenizers  # noqa: F401  (registers the tokenizers)
 from tesserax.tasks import autoencoder, diffusion  # registers the tasks
 from tesserax.tasks import token_generator  # registers the token generator task
 from tesserax.tasks import titok_task  # registers the TiTok tokenizer task
+from tesserax.tasks import flextok_task  # registers the FlexTok tokenizer task

@@ -326,6 +326,7 @@ class FlexTok(nnx.Module):
   [0, 64000), any prefix of which decodes to an image."""
 
   is_discrete = True
+  flexible_length = True  # decodes any prefix (tokenizers/reconstruct.py decode_settings)
   latent_dtype = np.int32
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):

@@ -8,7 +8,10 @@ are (data/preprocess.py:to_uint8). Everything streams in batches, so a 50k-image
 folder never sits in memory. Any tokenizer network (tokenizers/tokenizer.py's interface) serves.
 
   eval_set(data, resolution, ...)    uint8 [n, R, R, 3] batches of a folder or a dataset
+  decode_settings(model, tokens, ..) a flexible-length tokenizer's decoding: the first K tokens,
+                                     the decoder's steps and guidance (FlexTok)
   reconstruct(model, images)         jitted encode + decode over a mesh
+  decode(model, ids)                 jitted decode of token ids over a mesh
   pairs(model, batches)              (originals uint8, reconstructions float) batches
   write_pairs(pairs, out_dir)        originals/NNNNN.png, reconstructions/NNNNN.png
 """
@@ -86,15 +89,76 @@ def check_resolution(model, resolution):
                         f"{model.resolution}; pass --resolution {model.resolution}")
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _reconstruct(graphdef, state, images):
+MAX_TOKENS = 256  # FlexTok's register count, the longest flexible-length sequence
+SETTINGS = ("tokens", "steps", "guidance_scale", "guidance")
+
+
+def decode_settings(model, tokens=None, steps=None, guidance_scale=None, guidance=None) -> dict:
+  """{setting: value} of the given ones among `tokens` (decode from the first K of an image's
+  tokens, K in 1..min(256, the tokenizer's token count)), the decoder's `steps`,
+  `guidance_scale` and `guidance` ("apg", "cfg"). Only a flexible-length tokenizer (FlexTok)
+  takes any; anything else is refused in one line."""
+  given = {k: v for k, v in zip(SETTINGS, (tokens, steps, guidance_scale, guidance))
+           if v is not None}
+  if given and not getattr(model, "flexible_length", False):
+    raise TesseraxError(f"--{next(iter(given))} is for flexible-length tokenizers (FlexTok); "
+                        f"this tokenizer decodes all its tokens in one pass")
+  if tokens is not None:
+    if not 1 <= tokens <= MAX_TOKENS:
+      raise TesseraxError(f"--tokens {tokens} is outside 1..{MAX_TOKENS}")
+    if tokens > model.num_registers:
+      raise TesseraxError(f"--tokens {tokens}: this FlexTok has {model.num_registers} "
+                          f"registers (tokens 1..{model.num_registers})")
+  if steps is not None and steps < 1:
+    raise TesseraxError(f"--steps must be positive, got {steps}")
+  if guidance_scale is not None and guidance_scale < 0:
+    raise TesseraxError(f"--guidance_scale must be >= 0, got {guidance_scale}")
+  return given
+
+
+def _decoded(model, ids, settings):
+  settings = dict(settings)
+  tokens = settings.pop("tokens", None)
+  if tokens is not None:
+    ids = ids[:, :tokens]
+  return jnp.clip(model.decode(ids, **settings), -1.0, 1.0)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _reconstruct(graphdef, state, images, settings):
   model = nnx.merge(graphdef, state)
-  return jnp.clip(model.decode(model.encode(images)), -1.0, 1.0)
+  return _decoded(model, model.encode(images), settings)
 
 
-def reconstruct(model, images, batch_size=32, mesh=None) -> np.ndarray:
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _decode(graphdef, state, ids, settings):
+  return _decoded(nnx.merge(graphdef, state), ids, settings)
+
+
+def _on_mesh(model, mesh):
+  """(mesh, graphdef, state replicated over it); default mesh: the local devices."""
+  mesh = sharding.local_mesh() if mesh is None else mesh
+  graphdef, state = nnx.split(model)
+  return mesh, graphdef, jax.device_put(state, sharding.replicated(mesh))
+
+
+def decode(model, ids, batch_size=32, mesh=None, settings=None) -> np.ndarray:
+  """Images float32 [N, R, R, C] clipped to [-1, 1] of host token ids [N, K] decoded by the
+  tokenizer network `model` with `settings` (`decode_settings`), in batches over `mesh` as
+  `reconstruct` runs. `model` is a flexible-length tokenizer (its `check_tokens` refuses ids
+  outside its codebook in one line)."""
+  ids = np.asarray(ids, np.int32)
+  model.check_tokens(ids, None)
+  mesh, graphdef, state = _on_mesh(model, mesh)
+  items = tuple(sorted((settings or {}).items()))
+  return sharding.map_batched(lambda z: _decode(graphdef, state, z, items),
+                              (ids,), batch_size, mesh)
+
+
+def reconstruct(model, images, batch_size=32, mesh=None, settings=None) -> np.ndarray:
   """decode(encode(images)) (the deterministic encoding) clipped to [-1, 1] by the tokenizer
-  network `model`, float32 [N, R, R, C].
+  network `model`, float32 [N, R, R, C]; a flexible-length tokenizer decodes with `settings`
+  (`decode_settings`: the first K tokens, the decoder's steps and guidance).
 
   Fixed batches (sharding.map_batched: the last padded; batch_size rounded up to a multiple of
   the batch shards), each split over the batch axes of `mesh` (a training mesh: every process
@@ -109,21 +173,20 @@ def reconstruct(model, images, batch_size=32, mesh=None) -> np.ndarray:
   if gray:
     images = images[..., :1]
   tokenizer.check_images(images, model.resolution, model.channels)
-  if mesh is None:
-    mesh = sharding.local_mesh()
-  graphdef, state = nnx.split(model)
-  state = jax.device_put(state, sharding.replicated(mesh))
-  out = sharding.map_batched(lambda x: _reconstruct(graphdef, state, x), (images,), batch_size,
-                             mesh)
+  mesh, graphdef, state = _on_mesh(model, mesh)
+  items = tuple(sorted((settings or {}).items()))
+  out = sharding.map_batched(lambda x: _reconstruct(graphdef, state, x, items), (images,),
+                             batch_size, mesh)
   return np.repeat(out, 3, axis=-1) if gray else out
 
 
-def pairs(model, batches, batch_size=32, total=None, log=print):
-  """(originals uint8, reconstructions float [-1, 1]) for each uint8 batch, with a progress
-  line every 10 s and at the end."""
+def pairs(model, batches, batch_size=32, total=None, log=print, settings=None):
+  """(originals uint8, reconstructions float [-1, 1]) for each uint8 batch (decoded with
+  `settings`), with a progress line every 10 s and at the end."""
   start, last, done = time.time(), time.time(), 0
   for images in batches:
-    yield images, reconstruct(model, preprocess.to_model_range(images), batch_size)
+    yield images, reconstruct(model, preprocess.to_model_range(images), batch_size,
+                              settings=settings)
     done += len(images)
     if time.time() - last > _LOG_EVERY_S:
       last = time.time()
