@@ -85,7 +85,7 @@ def get_config(arg=None):
     config.loss.update(recipe="stage2" if stage2 else "stage1", vqgan="random")
   if arg and arg.endswith("_tiny"):
     config.num_steps = 4
-    config.batch_size = 4
+    config.batch_size = 8
     config.sample.every_steps = 0
     config.model.update(enc_width=32, dec_width=32, enc_depth=1, dec_depth=1)
     config.loss.discriminator_start = 2
