@@ -71,6 +71,17 @@ def _conv_out_kernel(grads, part):
   return grads["autoencoder"][part]["conv_out"]["kernel"]
 
 
+def jit_image_step(train_step, state_shardings, mesh, frozen):
+  """The compiled step of an image task: `train_step(state, batch, frozen)` with the batch
+  ({"image", "label"}) split over the mesh's batch axes, the frozen networks replicated and the
+  state donated; returns step(state, batch) -> (state, metrics)."""
+  rep = sharding.replicated(mesh)
+  batch_sh = {"image": sharding.batch_sharding(mesh, 4), "label": sharding.batch_sharding(mesh, 1)}
+  step = jax.jit(train_step, in_shardings=(state_shardings, batch_sh, rep),
+                 out_shardings=(state_shardings, rep), donate_argnums=(0,))
+  return lambda state, batch: step(state, batch, frozen)
+
+
 def reconstruction_grid(config, reconstruct, params):
   """A tokenizer task's sample grid: 32 images of the training split (odd rows) over their
   reconstructions `reconstruct(params, images)` (even rows), 8 per row."""
@@ -120,11 +131,8 @@ class AutoencoderTask:
     self.state_shardings = jax.tree.map(lambda _: rep, abstract_state)
     self.abstract_state = train_state.shard_abstract(abstract_state, self.state_shardings)
     self.init = jax.jit(self._init, out_shardings=self.state_shardings)
-    batch_sh = {"image": sharding.batch_sharding(mesh, 4),
-                "label": sharding.batch_sharding(mesh, 1)}
-    step = jax.jit(self._train_step, in_shardings=(self.state_shardings, batch_sh, rep),
-                   out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
-    self.train_step = lambda state, batch: step(state, batch, self.frozen)
+    self.train_step = jit_image_step(self._train_step, self.state_shardings, mesh,
+                                     self.frozen)
     self.predict = {"reconstruct": self.reconstruct, "encode": self.encode}
 
   def _build(self):

@@ -96,11 +96,8 @@ class FlexTokTask:
     self.state_shardings = train_state.state_shardings(abstract_state, param_sh, self.tx, mesh)
     self.abstract_state = train_state.shard_abstract(abstract_state, self.state_shardings)
     self.init = jax.jit(self._init, out_shardings=self.state_shardings)
-    batch_sh = {"image": sharding.batch_sharding(mesh, 4),
-                "label": sharding.batch_sharding(mesh, 1)}
-    step = jax.jit(self._train_step, in_shardings=(self.state_shardings, batch_sh, rep),
-                   out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
-    self.train_step = lambda state, batch: step(state, batch, self.frozen)
+    self.train_step = autoencoder.jit_image_step(self._train_step, self.state_shardings, mesh,
+                                                 self.frozen)
     self.predict = {"reconstruct": self.reconstruct, "encode": self.encode,
                     "decode": self.decode}
 
