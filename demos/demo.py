@@ -159,6 +159,7 @@ COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 10
 
 
 PANELS = (("fid", "FID-digits (log)"), ("accuracy", "accuracy"))
+RECON_PANELS = (("psnr", "PSNR (dB)"), ("fid", "FID-digits (log)"))  # a tokenizer's reconstructions
 
 
 def plot_nfe(series: dict, floor: dict, path: str, panels=PANELS, xlabel: str = "NFE") -> None:
@@ -201,6 +202,22 @@ def plot_nfe(series: dict, floor: dict, path: str, panels=PANELS, xlabel: str = 
       draw.text((x0 + width - margin - 110, margin + 8 + 14 * index), name, fill=color)
   image.save(path, format="PNG")
 
+
+
+def plot_rows(rows, floor: dict, path: str) -> None:
+  """plot_nfe's panels of each row (series, panels, xlabel), the rows stacked in one PNG."""
+  from PIL import Image
+  parts = []
+  for index, (series, panels, xlabel) in enumerate(rows):
+    tmp = f"{path}.row{index}.png"
+    plot_nfe(series, floor, tmp, panels, xlabel)
+    with Image.open(tmp) as part:
+      parts.append(part.convert("RGB"))
+    os.remove(tmp)
+  canvas = Image.new("RGB", (max(p.width for p in parts), sum(p.height for p in parts)), "white")
+  for i, part in enumerate(parts):
+    canvas.paste(part, (0, i * parts[0].height))
+  canvas.save(path, format="PNG")
 
 def evaluate_samples_file(path: str, metrics) -> dict:
   """Score an ADM-style samples .npz (arr_0 uint8 NHWC, arr_1 labels) on the digits metrics."""

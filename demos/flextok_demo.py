@@ -112,17 +112,6 @@ def save_columns(path: str, columns, upscale: int) -> None:
 def plot(results: dict, path: str) -> None:
   """Top: PSNR and FID-digits of the reconstructions against K; bottom: FID-digits and
   accuracy of the AR samples decoded from their first K tokens."""
-  from PIL import Image
-  rows = ((results["tokenizer"], "FlexTok", (("psnr", "PSNR (dB)"), ("fid", "FID-digits (log)"))),
-          (results["generator"], "AR", demo.PANELS))
-  parts = []
-  for series, name, panels in rows:
-    tmp = f"{path}.{name}.png"
-    demo.plot_nfe({name: series}, results["floor"], tmp, panels, "tokens K")
-    with Image.open(tmp) as part:
-      parts.append(part.convert("RGB"))
-    os.remove(tmp)
-  canvas = Image.new("RGB", (parts[0].width, sum(p.height for p in parts)), "white")
-  for i, part in enumerate(parts):
-    canvas.paste(part, (0, i * parts[0].height))
-  canvas.save(path, format="PNG")
+  demo.plot_rows([({"FlexTok": results["tokenizer"]}, demo.RECON_PANELS, "tokens K"),
+                  ({"AR": results["generator"]}, demo.PANELS, "tokens K")],
+                 results["floor"], path)

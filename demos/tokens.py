@@ -106,18 +106,6 @@ def run(workdir: str, size: str = "", token_counts=TOKEN_COUNTS,
 def plot(results: dict, path: str) -> None:
   """Top: PSNR and FID-digits of the reconstructions against the token count; bottom:
   FID-digits and accuracy of the MaskGIT samples against its steps."""
-  from PIL import Image
-  rows = ((results["tokenizers"], "TiTok", (("psnr", "PSNR (dB)"), ("fid", "FID-digits (log)")),
-           "tokens"),
-          (results["generator"], "MaskGIT", demo.PANELS, "steps"))
-  parts = []
-  for series, name, panels, xlabel in rows:
-    tmp = f"{path}.{name}.png"
-    demo.plot_nfe({name: series}, results["floor"], tmp, panels, xlabel)
-    with Image.open(tmp) as part:
-      parts.append(part.convert("RGB"))
-    os.remove(tmp)
-  canvas = Image.new("RGB", (parts[0].width, sum(p.height for p in parts)), "white")
-  for i, part in enumerate(parts):
-    canvas.paste(part, (0, i * parts[0].height))
-  canvas.save(path, format="PNG")
+  demo.plot_rows([({"TiTok": results["tokenizers"]}, demo.RECON_PANELS, "tokens"),
+                  ({"MaskGIT": results["generator"]}, demo.PANELS, "steps")],
+                 results["floor"], path)
