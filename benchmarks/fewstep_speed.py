@@ -24,7 +24,6 @@ import argparse
 import datetime
 import platform
 import tempfile
-import time
 
 import flax
 import jax
@@ -34,7 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tesserax.benchmarks.throughput import matmul_tflops, published_peak
+from tesserax.benchmarks.throughput import clock, matmul_tflops, published_peak, timed
 from tesserax.core import registry
 from tesserax.data import pairs
 from tesserax.generators import dit
@@ -64,22 +63,6 @@ OBJECTIVES = {
 }
 SAMPLERS = ("consistency", "scm", "ctm", "meanflow", "shortcut", "reflow_new", "euler",
             "dpm_solver_2m")
-
-
-def clock():
-  """Seconds: wall-clock on an accelerator, this process's CPU time on CPU."""
-  return time.process_time() if jax.devices()[0].platform == "cpu" else time.perf_counter()
-
-
-def timed(fn, repeats):
-  """Median seconds of fn() after one warm-up (compilation) call."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = clock()
-    jax.block_until_ready(fn())
-    times.append(clock() - start)
-  return float(np.median(times))
 
 
 def model_config(args, variant):
