@@ -5,6 +5,8 @@
   tesserax sample --workdir DIR --num N [--sampler NAME] [--steps K] [--cfg S]
                   [--interval LO HI] [--guided_channels K] [--sample.KEY=VALUE ...]
                   [--tokenizer DIR] --out FILE.npz
+  tesserax pairs  --workdir DIR --out CACHE --num N [--solver NAME] [--steps K] [--cfg_scale S]
+                  [--seed S] [--batch_size B]
   tesserax eval   --samples FILE.npz|DIR [--ref REF.npz] --metrics fid,sfid,is,pr,fd_dinov2
   tesserax eval   --samples FILE.npz --metrics fid_digits,accuracy
   tesserax reconstruct --tokenizer DIR --data FOLDER|NAME [--split S] [--resolution R] [--num N]
@@ -100,7 +102,8 @@ def _parser():
                          "teacher (default: train one in WORKDIR/teacher)")
   demo.add_argument("--students", default=None,
                     help="with --fewstep: comma-separated student names (default: every one "
-                         "of demos/fewstep.py STUDENTS but slimflow, the slow one)")
+                         "of demos/fewstep.py STUDENTS but the slow slimflow and 2rfpp, "
+                         "which run when named)")
 
   train = sub.add_parser("train", help="train a recipe",
                          description="Train a recipe from configs/; resumes from the workdir's "
@@ -146,6 +149,38 @@ def _parser():
                            "without its latent cache, e.g. a converted DiT or LightningDiT")
   sample.add_argument("--out", required=True)
   _add_distributed_flags(sample)
+
+  flow_solvers = [n for n in registry.SAMPLERS.names()
+                  if registry.SAMPLERS.get(n).consumes == "velocity"]
+  pair_cmd = sub.add_parser(
+      "pairs", help="write a pair cache (noise, teacher sample) for reflow and distillation",
+      description="Samples a trained flow model (its newest checkpoint's EMA parameters) from "
+                  "normal noise with an ODE solver and writes the pairs (noise, sample, label) "
+                  "to a pair cache (tfds/array_record) that reflow and SlimFlow recipes train "
+                  "on with --config.data.name=pairs --config.data.data_dir=CACHE "
+                  "--config.teacher.workdir=WORKDIR; that run refuses a cache its teacher did "
+                  "not make with the recipe's objective.online_solver, online_steps and "
+                  "online_cfg_scale. Pair i starts from the noise of fold_in(PRNGKey(seed), i) "
+                  "with label i mod num_classes, so the cache depends on the seed only, not on "
+                  "the devices, processes or batch size. A killed run resumes: run the same "
+                  "command again (complete shards of 1,000 pairs are kept).")
+  pair_cmd.add_argument("--workdir", required=True, metavar="DIR",
+                        help="the teacher's training workdir (a model that predicts a velocity)")
+  pair_cmd.add_argument("--out", required=True, metavar="CACHE",
+                        help="the cache directory: new, or the one an interrupted run wrote")
+  pair_cmd.add_argument("--num", type=int, required=True, metavar="N", help="number of pairs")
+  pair_cmd.add_argument("--solver", default="heun", choices=flow_solvers, metavar="NAME",
+                        help=f"ODE solver over the velocity: {', '.join(flow_solvers)} "
+                             "(dpm_solver_*: DPM-Solver++; reflow_new*: 2-RF++'s re-anchoring "
+                             "sampler; heun: 2 NFE a step); default heun")
+  pair_cmd.add_argument("--steps", type=int, default=16, metavar="K",
+                        help="solver steps on the plain time grid (default 16)")
+  pair_cmd.add_argument("--cfg_scale", type=float, default=1.0, metavar="S",
+                        help="classifier-free guidance scale (default 1: none)")
+  pair_cmd.add_argument("--seed", type=int, default=0, help="the seed of the pairs' noise")
+  pair_cmd.add_argument("--batch_size", type=int, default=64, metavar="B",
+                        help="pairs sampled at once (split over this process's devices)")
+  _add_distributed_flags(pair_cmd)
 
   evaluate = sub.add_parser(
       "eval", help="score samples against a reference batch",
@@ -428,6 +463,19 @@ def _cmd_sample(args, overrides):
     print(f"wrote {args.num} samples to {args.out}")
 
 
+def _cmd_pairs(args, overrides):
+  import tesserax.tasks  # noqa: F401  (registers the built-in tasks)
+  from tesserax.tasks import diffusion
+  for flag in ("num", "steps", "batch_size"):
+    if getattr(args, flag) < 1:
+      raise TesseraxError(f"--{flag} must be positive, got {getattr(args, flag)}")
+  _initialize_distributed(args)
+  out = diffusion.write_pairs(args.workdir, args.out, args.num, solver=args.solver,
+                              num_steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
+                              batch_size=args.batch_size)
+  print(f"wrote {args.num} pairs to {out}")
+
+
 def _report(results, out):
   from tesserax.core.files import atomic_output
   width = max(len(k) for k in results)
@@ -619,7 +667,7 @@ def _data_encode(args):
 
 COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval,
             "reconstruct": _cmd_reconstruct, "eval-recon": _cmd_eval_recon, "weights": _cmd_weights, "convert": _cmd_convert,
-            "data": _cmd_data}
+            "data": _cmd_data, "pairs": _cmd_pairs}
 
 
 def _chain(exc):

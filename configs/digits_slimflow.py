@@ -6,8 +6,9 @@ the size of the digits flow model (width 64, 332k parameters, against the teache
    each step (4 Heun steps, to keep the CPU run short; or a pair cache's), the coupling
    annealed from independent noise to the teacher's pairs over the first half of the run;
 2. flow-guided distillation (`get_config("distill")`): from the stage-1 student, which is also
-   the flow-guidance teacher; the pairs then come from that student's own 4-step ODE unless a
-   pair cache of the big teacher supplies them, as in the paper.
+   the flow-guidance teacher; the pairs then come from that student's own 4-step ODE (the
+   paper takes them from the big teacher; a pair cache is checked against the run's teacher,
+   so a cache of the big teacher is refused here).
 Sampled with one Euler step.
 
 Launch:   tesserax train --config digits_dit --workdir workdirs/digits

@@ -5,6 +5,9 @@ gnobitab/RectifiedFlow's reflow data; 2-RF++ and SlimFlow's pairs from a pretrai
   check(cache_dir, maker, shape)      refuses, in one line, a cache another model made
   load(cache_dir) -> dict             the whole cache in memory, in pair order
 
+`tesserax pairs` writes a cache from a trained generator (tasks/diffusion.py `write_pairs`);
+data/pipeline.py serves it as dataset `pairs`.
+
 A pair cache is a tfds dataset in array_record format, like the latent caches of
 data/cache.py (whose metadata writer it uses):
   pairs-train.array_record-XXXXX-of-YYYYY   shard s holds pairs [s * shard_size,
@@ -24,6 +27,7 @@ anything else into the directory is refused.
 """
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +43,7 @@ from tesserax.data import cache
 NAME = "pairs"
 SPLIT = "train"
 INFO_FILE = "pairs.json"
+_LOG_EVERY_S = 10.0
 
 
 def _barrier(name):
@@ -65,7 +70,8 @@ def shard_paths(cache_dir, num_shards) -> list:
 def read_info(cache_dir) -> dict:
   path = os.path.join(cache_dir, INFO_FILE)
   if not os.path.exists(path):
-    raise TesseraxError(f"{cache_dir} is not a pair cache (no {INFO_FILE})")
+    raise TesseraxError(f"{cache_dir!r} is not a pair cache (no {INFO_FILE}); write one with "
+                        "`tesserax pairs --workdir TEACHER --out CACHE --num N`")
   with open(path) as f:
     return json.load(f)
 
@@ -138,9 +144,22 @@ def generate(sample, out_dir, *, maker: dict, shape, num_classes: int, num_pairs
   pair_features = features(shape, num_classes)
   num_shards = -(-num_pairs // shard_size)
   paths = shard_paths(out_dir, num_shards)
-  for s in range(jax.process_index(), num_shards, jax.process_count()):
-    if os.path.exists(paths[s]):
-      continue
+  todo = [s for s in range(jax.process_index(), num_shards, jax.process_count())
+          if not os.path.exists(paths[s])]
+  total = sum(min(shard_size, num_pairs - s * shard_size) for s in todo)
+  progress = {"done": 0, "start": time.time(), "last": time.time()}
+
+  def report(count):
+    """A progress line every 10 s: this process's pairs written in this run, rate, ETA."""
+    progress["done"] += count
+    now = time.time()
+    if now - progress["last"] > _LOG_EVERY_S:
+      progress["last"] = now
+      rate = progress["done"] / (now - progress["start"])
+      log(f"pairs: {progress['done']}/{total} by this process, {rate:.1f} pairs/s, "
+          f"ETA {(total - progress['done']) / rate:.0f} s")
+
+  for s in todo:
     first, last = s * shard_size, min((s + 1) * shard_size, num_pairs)
 
     def batches(first=first, last=last):
@@ -148,6 +167,7 @@ def generate(sample, out_dir, *, maker: dict, shape, num_classes: int, num_pairs
         indices = np.arange(start, min(start + batch_size, last), dtype=np.int32)
         noise, images, labels = sharding.map_batched(run, (indices,), batch_size, mesh)
         yield noise, images, labels, indices.astype(np.int64)
+        report(len(indices))
 
     _write_shard(paths[s], pair_features, batches())
     log(f"pairs: shard {s + 1}/{num_shards} written")
@@ -158,23 +178,29 @@ def generate(sample, out_dir, *, maker: dict, shape, num_classes: int, num_pairs
     cache.write_metadata(out_dir, pair_features, {SPLIT: (lengths, paths)},
                          f"{num_pairs} (noise, sample) pairs")
   _barrier("tesserax pairs metadata")
+  if total:
+    log(f"pairs: {total} pairs in {time.time() - progress['start']:.1f} s by this process")
   return out_dir
 
 
 def _describe(maker, shape):
-  what = ", ".join(f"{k} {v}" for k, v in sorted(maker.items()))
-  return f"{what} at {'x'.join(str(s) for s in shape)}"
+  made = ", ".join(f"{k} {v}" for k, v in sorted(maker.items())) + " at " if maker else ""
+  return made + "x".join(str(s) for s in shape)
 
 
-def check(cache_dir, maker: dict, shape) -> dict:
+def check(cache_dir, maker: dict | None, shape) -> dict:
   """The cache's pairs.json, after refusing in one line a cache that is incomplete or was made
-  by another model, solver or sample shape than `maker` and `shape` describe."""
+  by another model, solver or sample shape than `maker` and `shape` describe (`maker` None:
+  any model)."""
   info = read_info(cache_dir)
-  maker = json.loads(json.dumps(maker))
   shape = [int(s) for s in shape]
-  if info["maker"] != maker or info["shape"] != shape:
-    made = _describe(info["maker"], info["shape"])
-    raise TesseraxError(f"pair cache {cache_dir} was made by {made}; this run needs "
+  maker = None if maker is None else json.loads(json.dumps(maker))
+  if maker is None and info["shape"] != shape:
+    raise TesseraxError(f"pair cache {cache_dir} holds {_describe(None, info['shape'])} "
+                        f"samples; this run needs {_describe(None, shape)}")
+  if maker is not None and (info["maker"] != maker or info["shape"] != shape):
+    raise TesseraxError(f"pair cache {cache_dir} was made by "
+                        f"{_describe(info['maker'], info['shape'])}; this run needs "
                         f"{_describe(maker, shape)}")
   if not os.path.exists(os.path.join(cache_dir, "dataset_info.json")):
     raise TesseraxError(f"pair cache {cache_dir} is incomplete; re-run its generation with the "
@@ -184,8 +210,9 @@ def check(cache_dir, maker: dict, shape) -> dict:
 
 def open_pairs(cache_dir):
   """The read-only tfds builder of a complete pair cache."""
-  if not os.path.exists(os.path.join(cache_dir, "dataset_info.json")):
-    raise TesseraxError(f"no complete pair cache in {cache_dir!r}")
+  if not cache_dir or not os.path.exists(os.path.join(cache_dir, "dataset_info.json")):
+    raise TesseraxError(f"no complete pair cache in {cache_dir!r} (data.data_dir); write it "
+                        "with `tesserax pairs --workdir TEACHER --out CACHE --num N`")
   return tfds.builder_from_directory(cache_dir)
 
 

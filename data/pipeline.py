@@ -12,6 +12,12 @@ data.data_dir the cache directory. It serves the stored float latents normalised
 with the cache's statistics, (z - mean) / std, or the stored token ids as int32, as "image"; a
 flipped position serves the stored encoding of the flipped image (`latent_flip`), so the same
 flip decisions apply without mirroring arrays.
+
+Dataset `pairs` is a pair cache (data/pairs.py, written by `tesserax pairs`), with data.data_dir
+the cache directory: batches {"noise", "image", "label"} of a trained model's (noise, sample)
+pairs, stored float32 in the model's space, for reflow and distillation (objectives/reflow.py,
+objectives/slimflow.py). A flipped position mirrors noise and sample together (SlimFlow's
+`h_flip`). The task checks that the run's teacher made the cache (tasks/diffusion.py).
 """
 import functools
 import os
@@ -24,10 +30,13 @@ import tensorflow_datasets as tfds
 
 from tesserax.data import builders
 from tesserax.data import cache
+from tesserax.data import pairs
 from tesserax.data import preprocess
 from tesserax.core.errors import TesseraxError
 
-DATASETS = ("digits", "image_folder", "imagenet2012", "latents")
+DATASETS = ("digits", "image_folder", "imagenet2012", "latents", "pairs")
+# Datasets written by tesserax commands, not built: their feature holding the model input.
+_CACHES = {"latents": "latent", "pairs": "image"}
 _MANUAL_CONTENTS = {
     "image_folder": "one subfolder of .png/.jpg/.jpeg images per class",
     "imagenet2012": f"{builders.IMAGENET_TRAIN_TAR} and {builders.IMAGENET_VAL_TAR}",
@@ -54,6 +63,8 @@ def _builder(name, data_dir, manual_dir, resolution):
     return builders.TesseraxImagenet2012(config=str(resolution), data_dir=data_dir)
   if name == "latents":
     return cache.open_cache(data_dir)
+  if name == "pairs":
+    return pairs.open_pairs(data_dir)
   raise TesseraxError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
@@ -66,6 +77,9 @@ def build(name: str, data_dir: str, manual_dir: str | None = None,
   if name == "latents":
     raise TesseraxError("latent caches are not built but encoded from an image dataset: run "
                         "`tesserax data encode NAME --tokenizer DIR --out CACHE`")
+  if name == "pairs":
+    raise TesseraxError("pair caches are not built but sampled from a trained model: run "
+                        "`tesserax pairs --workdir TEACHER --out CACHE --num N`")
   if name in _MANUAL_CONTENTS:
     contents = _MANUAL_CONTENTS[name]
     if not manual_dir:
@@ -86,13 +100,15 @@ def _source(data_cfg, split):
   """The random-access tfds source of `split`; digits is prepared here on first use."""
   name = data_cfg.name
   builder = _builder(name, data_cfg.data_dir, data_cfg.manual_dir, data_cfg.resolution)
-  if name == "latents":
-    shape = builder.info.features["latent"].shape
+  if name in _CACHES:
+    shape = builder.info.features[_CACHES[name]].shape
     if data_cfg.resolution != shape[0]:
-      raise TesseraxError(f"data.resolution is {data_cfg.resolution} but the latent cache "
-                          f"{data_cfg.data_dir} holds latents of shape {list(shape)}; set "
+      what = "latent cache" if name == "latents" else "pair cache"
+      held = "latents" if name == "latents" else "samples"
+      raise TesseraxError(f"data.resolution is {data_cfg.resolution} but the {what} "
+                          f"{data_cfg.data_dir} holds {held} of shape {list(shape)}; set "
                           f"data.resolution={shape[0]}")
-  if name != "latents" and not builder.is_prepared():
+  elif not builder.is_prepared():
     if name != "digits":
       raise TesseraxError(
           f"dataset {name} is not prepared at resolution {data_cfg.resolution} in "
@@ -117,10 +133,23 @@ def _read(source, indices):
 
 
 def _input_reader(data_cfg, source):
-  """read(indices, flips=None) -> model inputs [n, ...] and int32 labels [n] of the examples
-  at `indices`: float32 images in [-1, 1] at data_cfg.resolution, mirrored where `flips`
-  (bool [n]); or a cache's float32 normalised latents or int32 token ids, the stored flipped
-  ones where `flips`."""
+  """read(indices, flips=None) -> the batch {"image": model inputs [n, ...], "label": int32
+  [n]} of the examples at `indices`: float32 images in [-1, 1] at data_cfg.resolution,
+  mirrored where `flips` (bool [n]); or a cache's float32 normalised latents or int32 token
+  ids, the stored flipped ones where `flips`; or a pair cache's float32 samples with their
+  noise ("noise"), both mirrored where `flips`."""
+  if data_cfg.name == "pairs":
+
+    def read_pairs(indices, flips=None):
+      examples = source.__getitems__(indices)
+      batch = {k: np.stack([ex[k] for ex in examples]) for k in ("noise", "image")}
+      if flips is not None:
+        batch = {k: np.where(flips[:, None, None, None], v[:, :, ::-1], v)
+                 for k, v in batch.items()}
+      return dict(batch, label=np.array([ex["label"] for ex in examples], np.int32))
+
+    return read_pairs
+
   if data_cfg.name == "latents":
     discrete = np.issubdtype(source.dataset_info.features["latent"].np_dtype, np.integer)
     stats = None if discrete else cache.cache_stats(data_cfg.data_dir)
@@ -131,8 +160,8 @@ def _input_reader(data_cfg, source):
       z = np.stack([ex["latent_flip" if f else "latent"] for ex, f in zip(examples, flips)])
       labels = np.array([ex["label"] for ex in examples], np.int32)
       if discrete:
-        return z.astype(np.int32), labels
-      return ((z - stats["mean"]) / stats["std"]).astype(np.float32), labels
+        return {"image": z.astype(np.int32), "label": labels}
+      return {"image": ((z - stats["mean"]) / stats["std"]).astype(np.float32), "label": labels}
 
     return read_latents
 
@@ -141,7 +170,7 @@ def _input_reader(data_cfg, source):
     images = _at_resolution(images, data_cfg)
     if flips is not None:
       images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
-    return preprocess.to_model_range(images), labels
+    return {"image": preprocess.to_model_range(images), "label": labels}
 
   return read_images
 
@@ -153,6 +182,9 @@ def image_reader(data_cfg, split):
   if data_cfg.name == "latents":
     raise TesseraxError("dataset latents holds latents, not images; name the image dataset "
                         "the cache was encoded from")
+  if data_cfg.name == "pairs":
+    raise TesseraxError("dataset pairs holds a model's (noise, sample) pairs, not images; name "
+                        "an image dataset")
   source = _source(data_cfg, split)
 
   def read(indices):
@@ -170,15 +202,17 @@ def _at_resolution(images, data_cfg):
 
 
 def image_config(data_cfg):
-  """data_cfg itself for image datasets; for a latent cache, the image dataset it encodes."""
+  """data_cfg itself for image datasets and pair caches (whose samples are images at
+  data_cfg.resolution); for a latent cache, the image dataset it encodes."""
   return cache.image_data_config(data_cfg.data_dir) if data_cfg.name == "latents" else data_cfg
 
 
 def load_split(data_cfg, split: str) -> tuple[np.ndarray, np.ndarray]:
   """The whole of `split` in memory: float32 NHWC images in [-1, 1] (or a cache's normalised
-  latents or token ids) and int32 labels."""
+  latents or token ids, or a pair cache's samples) and int32 labels."""
   source = _source(data_cfg, split)
-  return _input_reader(data_cfg, source)(list(range(len(source))))
+  batch = _input_reader(data_cfg, source)(list(range(len(source))))
+  return batch["image"], batch["label"]
 
 
 def iterate_split(data_cfg, split: str, batch_size: int = 256, limit: int | None = None):
@@ -195,7 +229,8 @@ def make_train_loader(data_cfg, global_batch_size: int, seed: int,
   """An endless grain iterator of this process's rows of each global batch of data_cfg.split.
 
   Yields {'image': float32 [B/P, R, R, C] in [-1, 1] (for dataset latents normalised float32
-  latents or int32 token ids [B/P, h, w, c]), 'label': int32 [B/P]}. Its state is
+  latents or int32 token ids [B/P, h, w, c]), 'label': int32 [B/P]}, and for dataset pairs
+  'noise' (float32, the shape of 'image') as well. Its state is
   grain's `get_state()` / `set_state()` ({'next_index': number of batches served}).
   """
   process_index = jax.process_index() if process_index is None else process_index
@@ -226,8 +261,7 @@ def make_train_loader(data_cfg, global_batch_size: int, seed: int,
       rows = epochs == e
       indices[rows] = order[within[rows]]
       flips[rows] = flip[within[rows]]
-    inputs, labels = read(indices.tolist(), flips if data_cfg.random_flip else None)
-    return {"image": inputs, "label": labels}
+    return read(indices.tolist(), flips if data_cfg.random_flip else None)
 
   read_options = grain.ReadOptions(num_threads=_PREFETCH_BATCHES,
                                    prefetch_buffer_size=_PREFETCH_BATCHES)

@@ -2,11 +2,13 @@
 
 The teacher is the pixel demo's model (configs/digits_dit.py), trained in WORKDIR/teacher
 unless `--teacher` names a finished run of it. Every student recipe in STUDENTS (by default
-DEFAULT_STUDENTS: all but SlimFlow) then starts from the teacher's parameters
+DEFAULT_STUDENTS: all but SlimFlow and 2-RF++) then starts from the teacher's parameters
 (`teacher.init_student`; leaves the teacher lacks, such as a second time input, start fresh;
 FlowTurbo's refiner and SlimFlow's smaller student start from scratch), sees the teacher in its
 objective context where it distils, and trains in WORKDIR/students/NAME. All models sample the same labels from the same noise and
-are scored by the digits feature network. Writes to the workdir:
+are scored by the digits feature network. A student that trains on a pair cache (2-RF++) first
+has the teacher write it to WORKDIR/pairs with the recipe's pair solver (`tesserax pairs`).
+Writes to the workdir:
   fewstep.json   FID-digits and class accuracy: the teacher with every flow solver at NFE
                  1-32, each student at NFE 1, 2 and 4, and the real-data floor;
   fewstep.png    the same figures against NFE, one curve per model and solver;
@@ -25,6 +27,7 @@ import tesserax.tasks  # noqa: F401  (registers the built-in tasks, objectives a
 from tesserax.core import config as config_lib, files
 from tesserax.demos import demo
 from tesserax.eval import evaluators
+from tesserax.tasks import diffusion
 
 TEACHER_NFE = (1, 2, 4, 8, 16, 32)
 STUDENT_NFE = (1, 2, 4)
@@ -46,9 +49,10 @@ TEACHER_SOLVERS = {
 
 class Student(NamedTuple):
   """A student recipe in configs/ and its sample settings at each NFE (overrides of the
-  recipe's `sample` section)."""
+  recipe's `sample` section); `pairs` > 0 trains it on a cache of that many teacher pairs."""
   recipe: str
   settings: dict
+  pairs: int = 0
 
 
 def _jumps(nfe):
@@ -78,10 +82,14 @@ STUDENTS = {
     "ctm": Student("digits_ctm", {n: _consistency(n) for n in STUDENT_NFE}),
     "flowturbo": Student("digits_flowturbo", {n: _flowturbo(n) for n in (2, 4)}),
     "slimflow": Student("digits_slimflow", {n: _jumps(n) for n in STUDENT_NFE}),
+    # 4,000 pairs of 16 Heun steps: about 30 s of sampling on 2 CPU cores.
+    "2rfpp": Student("digits_reflow", {n: _jumps(n) for n in STUDENT_NFE}, pairs=4000),
 }
 # SlimFlow's small student trains from scratch on online teacher pairs: about 20 minutes on
-# 2 CPU cores for 600 steps, so it runs only when named (--students slimflow).
-DEFAULT_STUDENTS = tuple(name for name in STUDENTS if name != "slimflow")
+# 2 CPU cores for 600 steps; 2-RF++ samples its pairs and retrains for the teacher's 2,000
+# steps, about 5 minutes in all. Both would take the default demo past its 15 minutes, so they
+# run only when named (--students slimflow,2rfpp).
+DEFAULT_STUDENTS = tuple(name for name in STUDENTS if name not in ("slimflow", "2rfpp"))
 
 
 def run(workdir: str, teacher_workdir: str | None = None, students=DEFAULT_STUDENTS,
@@ -128,6 +136,10 @@ def run(workdir: str, teacher_workdir: str | None = None, students=DEFAULT_STUDE
     init_student = config.teacher.init_student if "teacher" in config else True
     config.teacher = dict(workdir=os.path.abspath(teacher_workdir), init_student=init_student)
     config.data.data_dir = c.data.data_dir
+    if STUDENTS[name].pairs:
+      num_pairs = config.batch_size if size else STUDENTS[name].pairs
+      config.data.update(name="pairs",
+                         data_dir=write_pairs(teacher_workdir, workdir, config, num_pairs))
     trained = demo._train(config, os.path.join(workdir, "students", name))
     if trained is None:
       return None
@@ -146,6 +158,16 @@ def run(workdir: str, teacher_workdir: str | None = None, students=DEFAULT_STUDE
     print(table(results))
     print(f"wrote {workdir}/fewstep.json, fewstep.png and fewstep.md")
   return results
+
+
+def write_pairs(teacher_workdir, workdir, config, num_pairs):
+  """WORKDIR/pairs: `num_pairs` teacher pairs made with the student recipe's pair solver
+  (objective.online_solver, online_steps, online_cfg_scale, which its run checks). A complete
+  cache is kept, an interrupted one resumed."""
+  o = config.objective
+  return diffusion.write_pairs(teacher_workdir, os.path.join(workdir, "pairs"), num_pairs,
+                               solver=o.online_solver, num_steps=o.online_steps,
+                               cfg_scale=o.online_cfg_scale)
 
 
 def table(results: dict) -> str:

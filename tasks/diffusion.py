@@ -13,6 +13,13 @@ A distillation or reflow recipe names a trained generator as its teacher
 teacher's EMA parameters and its velocity prediction, frozen. With `teacher.init_student`
 the student starts from the teacher's parameters; student leaves the teacher lacks (a second
 time input, an extra head) keep their fresh initialisation.
+
+A run on a pair cache (data.name "pairs", data/pairs.py) gets batches {"noise", "image",
+"label"}; a cache of another sample shape than the network's is refused in one line, and with a
+teacher so is one the teacher did not make with the objective's pair solver
+(`objective.online_solver`, `online_steps`, `online_cfg_scale`, the ODE reflow draws its pairs
+from without a cache): `write_pairs` (`tesserax pairs`) records the teacher's workdir and
+checkpoint step and the solver in the cache, and `pair_maker` is that record.
 """
 import functools
 import os
@@ -21,8 +28,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from tesserax.core import optim, registry, sharding, train_state
+from tesserax.core import config as config_lib, optim, registry, sharding, train_state
 from tesserax.core.errors import TesseraxError
+from tesserax.data import pairs
 from tesserax.objectives.context import Context
 from tesserax.sampling import sample as sample_lib
 
@@ -63,6 +71,8 @@ class DiffusionTask:
     image_shape = (config.data.resolution, config.data.resolution, config.model.in_channels)
     batch_sh = {"image": sharding.batch_sharding(mesh, 1 + len(image_shape)),
                 "label": sharding.batch_sharding(mesh, 1)}
+    if config.data.name == "pairs":
+      batch_sh["noise"] = batch_sh["image"]
     step = jax.jit(self._train_step, in_shardings=(self.state_shardings, batch_sh, teacher_sh),
                    out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
     teacher_params = self.teacher[1] if self.teacher else None
@@ -158,9 +168,11 @@ def _for_mesh(model_config, mesh):
 
 
 def _load_teacher(config):
-  """((velocity, EMA params), their shardings) of `config.teacher.workdir`, or (None, None)."""
+  """((velocity, EMA params), their shardings) of `config.teacher.workdir`, or (None, None),
+  once a pair cache the run trains on is checked against the teacher."""
   workdir = config.get("teacher", {}).get("workdir")
   if not workdir:
+    _check_pairs(config)
     return None, None
   from tesserax.training import task as task_lib
   teacher_task, teacher_state = task_lib.load_workdir(workdir)
@@ -171,8 +183,63 @@ def _load_teacher(config):
   if teacher_task.config.model.num_classes != config.model.num_classes:
     raise TesseraxError(f"teacher {workdir} has {teacher_task.config.model.num_classes} classes; "
                         f"this model has {config.model.num_classes}")
+  _check_pairs(config, (workdir, teacher_state["step"]))
   teacher_sh = teacher_task.state_shardings["ema"]
   return (predictions["velocity"], teacher_state["ema"]), teacher_sh
+
+
+def _check_pairs(config, teacher=None):
+  """Refuses in one line a pair cache (data.name "pairs") of another sample shape than the
+  network's, or, with a `teacher` (workdir, checkpoint step), one that the teacher did not
+  make with the objective's pair solver."""
+  if config.data.name != "pairs":
+    return
+  maker = None
+  if teacher:
+    o = config.objective
+    if "online_solver" not in o:
+      raise TesseraxError(f"objective {o.name} does not train on pairs from a teacher (it has "
+                          "no objective.online_solver); use an image dataset")
+    maker = pair_maker(*teacher, o.online_solver, o.online_steps, o.online_cfg_scale)
+  shape = (config.data.resolution, config.data.resolution, config.model.in_channels)
+  pairs.check(config.data.data_dir, maker, shape)
+
+
+def pair_maker(workdir, step, solver, num_steps, cfg_scale) -> dict:
+  """The `maker` of a pair cache (data/pairs.py): a trained generator's workdir (absolute) and
+  checkpoint step, the flow solver, its steps and the guidance scale it sampled with."""
+  return {"workdir": os.path.abspath(workdir), "step": int(step), "solver": solver,
+          "num_steps": int(num_steps), "cfg_scale": float(cfg_scale)}
+
+
+def write_pairs(workdir, out_dir, num_pairs: int, *, solver="heun", num_steps=16,
+                cfg_scale=1.0, seed=0, batch_size=64, log=print) -> str:
+  """Writes a pair cache (data/pairs.py `generate`: resumable, the same for any device count)
+  of the trained generator in `workdir`: its newest checkpoint's EMA params sampled from the
+  pairs' noise with the flow solver `solver` (a sampler over a velocity: euler, heun,
+  dpm_solver_2m, unipc, ...) over `num_steps` plain time-grid steps, guided with `cfg_scale`.
+  Returns the absolute out_dir."""
+  from tesserax.training import task as task_lib
+  if registry.SAMPLERS.get(solver).consumes != "velocity":
+    raise TesseraxError(f"pairs are sampled with a flow solver over a velocity; {solver} "
+                        f"consumes {registry.SAMPLERS.get(solver).consumes}")
+  task, state = task_lib.load_workdir(workdir, log)
+  c = task.config
+  settings = c.sample.copy_and_resolve_references()
+  settings.update(solver=solver, num_steps=num_steps, shift=1.0, cfg_scale=cfg_scale,
+                  interval=(0.0, 1.0), guided_channels=None, final_correction=True)
+  config_lib.validate_sample(settings)
+  mesh = sharding.local_mesh()  # each process samples its own shards
+  params = jax.device_put(jax.tree.map(sharding.global_to_host, state["ema"]),
+                          sharding.replicated(mesh))
+  sample = sample_lib.build(settings, task.predictions(), null_label=c.model.num_classes,
+                            mesh=mesh)
+  return pairs.generate(
+      lambda noise, labels: sample(params, noise, labels, None), out_dir,
+      maker=pair_maker(workdir, state["step"], solver, num_steps, cfg_scale),
+      shape=(c.data.resolution, c.data.resolution, c.model.in_channels),
+      num_classes=c.model.num_classes, num_pairs=num_pairs, seed=seed, batch_size=batch_size,
+      mesh=mesh, log=log)
 
 
 def student_from_teacher(student: dict, teacher: dict) -> dict:
