@@ -89,7 +89,7 @@ def _parser():
                          "beside the teacher's solvers at 1-32 NFE (default workdir "
                          "workdirs/demo_fewstep)")
   demo.add_argument("--tokens", action="store_true",
-                    help="1D tokens (demos/tokens.py): digits TiToks with 4-32 tokens, their "
+                    help="1D tokens (demos/tokens.py): digits TiToks with 2-16 tokens, their "
                          "reconstruction PSNR / FID-digits, a token cache and a MaskGIT "
                          "generator scored at 2-16 steps (default workdir workdirs/demo_tokens)")
   demo.add_argument("--flextok", action="store_true",
@@ -102,8 +102,8 @@ def _parser():
                          "teacher (default: train one in WORKDIR/teacher)")
   demo.add_argument("--students", default=None,
                     help="with --fewstep: comma-separated student names (default: every one "
-                         "of demos/fewstep.py STUDENTS but the slow slimflow and 2rfpp, "
-                         "which run when named)")
+                         "of demos/fewstep.py DEFAULT_STUDENTS: ect, ict, cd, scd, meanflow, "
+                         "shortcut, 2rfpp; ctm, flowturbo and slimflow run when named)")
 
   train = sub.add_parser("train", help="train a recipe",
                          description="Train a recipe from configs/; resumes from the workdir's "

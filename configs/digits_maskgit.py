@@ -9,10 +9,10 @@ Model:    a 4-layer, width-128 ImageBert (maskgit_bert; TiTok's L-32/B-64 genera
 Sampling: TiTok's sampler, 8 steps, linear guidance (sampling/maskgit_decode.py).
 
 Launch:   tesserax train --config digits_maskgit --workdir DIR --config.data.data_dir=CACHE
-Runtime:  2,000 steps; not yet timed on a quiet machine.
+Runtime:  2,000 steps at ~18 steps/s on 2 CPU cores, about 2 minutes.
 Expected: over the 16-token digits TiTok's cache (`tesserax demo --tokens`), samples classified
-          as the requested digit ~96% of the time at 4-16 steps; FID-digits ~185, bounded by
-          the tokenizer (README, "Token generators").
+          as the requested digit 100% of the time at 2-16 steps; FID-digits 54.7 / 49.9 / 49.5
+          / 48.4 at 2 / 4 / 8 / 16 steps (README, "Token generators").
 
 `get_config("tiny")` is the test size.
 """

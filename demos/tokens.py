@@ -25,7 +25,9 @@ from tesserax.core import config as config_lib, files
 from tesserax.demos import demo
 from tesserax.eval import evaluators
 
-TOKEN_COUNTS = (4, 8, 16, 32)
+# TiTok's token counts are at most half its patch count (32-128 tokens for 256 patches); on the
+# digits' 16 patches this range runs up to one token per patch.
+TOKEN_COUNTS = (2, 4, 8, 16)
 GENERATOR_TOKENS = 16
 SAMPLING_STEPS = (2, 4, 8, 16)
 
