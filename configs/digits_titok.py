@@ -18,7 +18,7 @@ Optimizer: AdamW lr 1e-3 (TiTok: 1e-4 at batch 256 for 1M steps), betas (0.9, 0.
 
 Launch:   tesserax train --config digits_titok --workdir workdirs/digits_titok
           (writes workdirs/digits_titok/tokenizer at the end)
-Runtime:  about 1.2 minutes at 40-60 steps/s on 2 quiet CPU cores (2-16 tokens).
+Runtime:  about 1.5 minutes on 2 quiet CPU cores (2-16 tokens; the token demo trains four).
 Expected: test-split PSNR 17.1 / 18.5 / 21.6 / 22.7 dB (FID-digits 69.9 / 33.5 / 12.3 / 8.6)
           at 2 / 4 / 8 / 16 tokens (README, "Token generators", the demo's figures).
 
