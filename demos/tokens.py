@@ -8,7 +8,7 @@ Stages, each resumed or skipped when its output exists (WORKDIR/...):
   maskgit/       a MaskGIT generator (configs/digits_maskgit.py) trained on that cache and
                  sampled at each of SAMPLING_STEPS, its samples decoded by the TiTok and scored
                  (FID-digits, class accuracy).
-Writes tokens.json (every figure), tokens.png (PSNR and FID-digits against the token count;
+Writes metrics.json (every figure), tokens.png (PSNR and FID-digits against the token count;
 FID-digits and accuracy against the MaskGIT steps), reconstructions.png (test originals over
 their reconstructions, one row pair per K) and samples_grid.png (MaskGIT samples, one row per
 class). A preempted stage stops the demo (its checkpoint saved); the same command resumes.
@@ -99,9 +99,9 @@ def run(workdir: str, size: str = "", token_counts=TOKEN_COUNTS,
       save_grid(tmp, images[order], nrow=per_class, upscale=upscale)
     with files.atomic_output(os.path.join(workdir, "tokens.png")) as tmp:
       plot(results, tmp)
-    with files.atomic_output(os.path.join(workdir, "tokens.json")) as tmp, open(tmp, "w") as f:
+    with files.atomic_output(os.path.join(workdir, "metrics.json")) as tmp, open(tmp, "w") as f:
       json.dump(results, f, indent=2)
-    print(f"wrote {workdir}/tokens.json, tokens.png, reconstructions.png and samples_grid.png")
+    print(f"wrote {workdir}/metrics.json, tokens.png, reconstructions.png and samples_grid.png")
   return results
 
 

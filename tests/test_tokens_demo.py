@@ -23,7 +23,7 @@ def test_tokens_demo_trains_caches_generates_and_scores(digits_data_dir, tmp_pat
   workdir = str(tmp_path / "tokens")
   results = tokens.run(workdir, size="tiny", token_counts=(4, 8), generator_tokens=8,
                        steps=(2, 4))
-  with open(os.path.join(workdir, "tokens.json")) as f:
+  with open(os.path.join(workdir, "metrics.json")) as f:
     assert json.load(f) == json.loads(json.dumps(results))
   assert sorted(results["tokenizers"], key=int) == ["4", "8"]
   assert sorted(results["generator"], key=int) == ["2", "4"]
