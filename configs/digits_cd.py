@@ -10,10 +10,11 @@ Launch:   tesserax train --config digits_dit --workdir workdirs/digits
               [--config.teacher.workdir=workdirs/digits]
           tesserax sample --workdir workdirs/digits_cd --num 1000 --sampler consistency \
               --steps 1 --out cd.npz && tesserax eval --samples cd.npz --metrics fid_digits,accuracy
-Runtime:  not measured yet: a CD step costs two teacher and one target forward passes on top of
-          a flow-matching step.
-Expected: not measured yet; the target is 1-step FID-digits within 1.5x of the teacher's
-          32-step value (README, "The demo").
+Runtime:  600 steps at about 11 steps/s on 2 quiet CPU cores, under a minute (`tesserax demo
+          --fewstep`, 2026-12-01).
+Expected: in the default few-step demo (600 steps from its teacher): FID-digits 19.8 / 18.6 / 18.0
+          at 1 / 2 / 4 steps, class accuracy 91.3 / 93.8 / 94.5% (1.26x and 1.18x the teacher's
+          32-step Euler 15.7 at 1 and 2 steps) (README, "Few-step students").
 
 `get_config("tiny")` is the test size (its teacher is a tiny digits_dit workdir).
 """

@@ -9,8 +9,10 @@ Launch:   tesserax train --config digits_ict --workdir workdirs/digits_ict \
               [--config.teacher.workdir=workdirs/digits]
           tesserax sample --workdir workdirs/digits_ict --num 1000 --sampler consistency \
               --steps 1 --out ict.npz && tesserax eval --samples ict.npz --metrics fid_digits,accuracy
-Runtime:  not measured yet: an iCT step costs one extra forward pass over a flow-matching step.
-Expected: not measured yet (README, "The demo").
+Runtime:  600 steps at 12-13 steps/s on 2 quiet CPU cores, under a minute (`tesserax demo
+          --fewstep`, 2026-12-01).
+Expected: in the default few-step demo (600 steps from its teacher): FID-digits 28.7 / 22.6 / 18.5
+          at 1 / 2 / 4 steps, class accuracy 86.3 / 89.4 / 92.4% (README, "Few-step students").
 
 `get_config("tiny")` is the test size.
 """

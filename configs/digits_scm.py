@@ -11,8 +11,10 @@ Launch:   tesserax train --config digits_scm --workdir workdirs/digits_scm \
               [--config.teacher.workdir=workdirs/digits] [--config.objective.name=sct]
           tesserax sample --workdir workdirs/digits_scm --num 1000 --sampler scm \
               --steps 2 --out scm.npz && tesserax eval --samples scm.npz --metrics fid_digits,accuracy
-Runtime:  not measured yet: an sCM step adds one forward-mode JVP and a teacher pass.
-Expected: not measured yet (README, "The demo").
+Runtime:  600 steps at about 10 steps/s on 2 quiet CPU cores, under a minute (`tesserax demo
+          --fewstep`, 2026-12-01).
+Expected: in the default few-step demo (600 steps from its teacher): FID-digits 103.9 / 34.6 at 1 /
+          2 steps, class accuracy 91.4 / 94.9% (README, "Few-step students").
 
 `get_config("tiny")` is the test size.
 """
