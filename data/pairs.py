@@ -27,7 +27,6 @@ anything else into the directory is refused.
 """
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -36,14 +35,13 @@ import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 from tensorflow_datasets.core import naming
 
-from tesserax.core import sharding
+from tesserax.core import progress, sharding
 from tesserax.core.errors import TesseraxError
 from tesserax.data import cache
 
 NAME = "pairs"
 SPLIT = "train"
 INFO_FILE = "pairs.json"
-_LOG_EVERY_S = 10.0
 
 
 def _barrier(name):
@@ -147,18 +145,7 @@ def generate(sample, out_dir, *, maker: dict, shape, num_classes: int, num_pairs
   todo = [s for s in range(jax.process_index(), num_shards, jax.process_count())
           if not os.path.exists(paths[s])]
   total = sum(min(shard_size, num_pairs - s * shard_size) for s in todo)
-  progress = {"done": 0, "start": time.time(), "last": time.time()}
-
-  def report(count):
-    """A progress line every 10 s: this process's pairs written in this run, rate, ETA."""
-    progress["done"] += count
-    now = time.time()
-    if now - progress["last"] > _LOG_EVERY_S:
-      progress["last"] = now
-      rate = progress["done"] / (now - progress["start"])
-      log(f"pairs: {progress['done']}/{total} by this process, {rate:.1f} pairs/s, "
-          f"ETA {(total - progress['done']) / rate:.0f} s")
-
+  update, finish = progress.reporter("pairs by this process:", "pairs", total, log)
   for s in todo:
     first, last = s * shard_size, min((s + 1) * shard_size, num_pairs)
 
@@ -167,7 +154,7 @@ def generate(sample, out_dir, *, maker: dict, shape, num_classes: int, num_pairs
         indices = np.arange(start, min(start + batch_size, last), dtype=np.int32)
         noise, images, labels = sharding.map_batched(run, (indices,), batch_size, mesh)
         yield noise, images, labels, indices.astype(np.int64)
-        report(len(indices))
+        update(len(indices))
 
     _write_shard(paths[s], pair_features, batches())
     log(f"pairs: shard {s + 1}/{num_shards} written")
@@ -179,7 +166,7 @@ def generate(sample, out_dir, *, maker: dict, shape, num_classes: int, num_pairs
                          f"{num_pairs} (noise, sample) pairs")
   _barrier("tesserax pairs metadata")
   if total:
-    log(f"pairs: {total} pairs in {time.time() - progress['start']:.1f} s by this process")
+    finish()
   return out_dir
 
 

@@ -18,7 +18,6 @@ folder never sits in memory. Any tokenizer network (tokenizers/tokenizer.py's in
 import concurrent.futures
 import functools
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from tesserax.core import sharding
+from tesserax.core import progress, sharding
 from tesserax.core.errors import TesseraxError
 from tesserax.data import pipeline, preprocess
 from tesserax.tokenizers import tokenizer
@@ -37,7 +36,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DATASETS = {"digits": ("test", 10), "imagenet2012": ("validation", 1000)}
 OFFICIAL_RESOLUTION = 256
 GRID_PAIRS = 16
-_LOG_EVERY_S = 10.0
 
 
 def folder_paths(folder) -> list:
@@ -183,17 +181,12 @@ def reconstruct(model, images, batch_size=32, mesh=None, settings=None) -> np.nd
 def pairs(model, batches, batch_size=32, total=None, log=print, settings=None):
   """(originals uint8, reconstructions float [-1, 1]) for each uint8 batch (decoded with
   `settings`), with a progress line every 10 s and at the end."""
-  start, last, done = time.time(), time.time(), 0
+  update, finish = progress.reporter("reconstructed", "images", total, log)
   for images in batches:
     yield images, reconstruct(model, preprocess.to_model_range(images), batch_size,
                               settings=settings)
-    done += len(images)
-    if time.time() - last > _LOG_EVERY_S:
-      last = time.time()
-      rate = done / (last - start)
-      eta = f", ETA {(total - done) / rate:.0f} s" if total else ""
-      log(f"reconstructed {done}{f'/{total}' if total else ''} images, {rate:.1f} images/s{eta}")
-  log(f"reconstructed {done} images in {time.time() - start:.1f} s")
+    update(len(images))
+  finish()
 
 
 def write_pairs(image_pairs, out_dir):
