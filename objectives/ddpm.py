@@ -40,20 +40,32 @@ def predict(apply, params, x, steps, labels):
   return apply(params, x, steps / diffusion.NUM_TIMESTEPS, labels)
 
 
-def velocity(apply, params, x, t, labels):
-  """v = eps - x0 at flow time t from the epsilon prediction at the matching DDPM step.
+def epsilon_as_velocity(network, x, t):
+  """The output [v | rest] at flow state x_t, time t [B] of an epsilon network
+  `network(x_k, k / 1000) -> [eps | rest]` (DDPM step k as its time input; rest: the variance
+  channels, a log-variance head), v = eps - x0 over its first C channels.
 
-  t is clamped to [t(0), t(999)] ~ [0.0099, 0.9937], the range of the discrete process (a DDPM
-  chain, too, starts from pure noise at step 999); between steps the step is interpolated
-  linearly in log-SNR.
+  The step is interpolated linearly in log-SNR between DDPM's steps and clamped to 0..999 (as
+  k-diffusion's DiscreteSchedule.sigma_to_t); the scaling uses t itself below step 0's time
+  t(0) ~ 0.0099, so the EDM denoiser of the result is exactly x_sigma - sigma eps(x_sigma /
+  sqrt(1 + sigma^2), step(sigma)) there too. Above t(999) ~ 0.9937 t is clamped (x0 = (x_t - t
+  eps) / (1 - t) has no value at pure noise; a DDPM chain, too, starts from step 999).
   """
-  t = jnp.clip(t, FLOW_TIME[0], FLOW_TIME[-1])
-  log_snr = 2 * (jnp.log1p(-t) - jnp.log(t))
+  log_snr_t = jnp.clip(t, FLOW_TIME[0], FLOW_TIME[-1])
+  log_snr = 2 * (jnp.log1p(-log_snr_t) - jnp.log(log_snr_t))
   steps = jnp.interp(log_snr, LOG_SNR[::-1], np.arange(diffusion.NUM_TIMESTEPS)[::-1])
-  t = t.reshape((-1,) + (1,) * (x.ndim - 1))
+  t = jnp.minimum(t, FLOW_TIME[-1]).reshape((-1,) + (1,) * (x.ndim - 1))
   r = jnp.sqrt(jnp.square(1 - t) + jnp.square(t))
-  eps = predict(apply, params, x / r, steps, labels)[..., :x.shape[-1]]
-  return eps - (x - t * eps) / (1 - t)
+  out = network(x / r, steps / diffusion.NUM_TIMESTEPS)
+  eps = out[..., :x.shape[-1]]
+  v = eps - (x - t * eps) / (1 - t)
+  return jnp.concatenate([v.astype(out.dtype), out[..., x.shape[-1]:]], axis=-1)
+
+
+def velocity(apply, params, x, t, labels):
+  """v = eps - x0 at flow time t from the epsilon prediction (`epsilon_as_velocity`)."""
+  network = lambda x_k, time: apply(params, x_k, time, labels)
+  return epsilon_as_velocity(network, x, t)[..., :x.shape[-1]]
 
 
 def normal_kl(mean1, log_var1, mean2, log_var2):

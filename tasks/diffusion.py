@@ -12,7 +12,11 @@ A distillation or reflow recipe names a trained generator as its teacher
 (`config.teacher.workdir`): the objective sees it in its context as `(velocity, params)`, the
 teacher's EMA parameters and its velocity prediction, frozen. With `teacher.init_student`
 the student starts from the teacher's parameters; student leaves the teacher lacks (a second
-time input, an extra head) keep their fresh initialisation.
+time input, an extra head) keep their fresh initialisation. A DDPM teacher (objective `ddpm`,
+an epsilon network) converts exactly: with `objective.parameterisation` "epsilon" the task
+presents the student network to its objective as a velocity network through
+objectives/ddpm.py epsilon_as_velocity, so a CD, ECT, iCT, sCM or rectified-flow student starts
+from the DDPM weights and predicts the teacher's denoiser at step 0.
 
 A run on a pair cache (data.name "pairs", data/pairs.py) gets batches {"noise", "image",
 "label"}; a cache of another sample shape than the network's is refused in one line, and with a
@@ -31,10 +35,12 @@ from flax import nnx
 from tesserax.core import config as config_lib, optim, registry, sharding, train_state
 from tesserax.core.errors import TesseraxError
 from tesserax.data import pairs
+from tesserax.objectives import ddpm
 from tesserax.objectives.context import Context
 from tesserax.sampling import sample as sample_lib
 
 REFINER = "velocity_refiner"  # the prediction kind of objectives/flowturbo.py
+PARAMETERISATIONS = ("velocity", "epsilon")  # what the network outputs natively
 
 
 def build_network(model_config, seed: int = 0):
@@ -58,6 +64,7 @@ class DiffusionTask:
     self.graphdef, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
     self.tx = optim.make_optimizer(config.optim, config.num_steps)
     self.objective = registry.OBJECTIVES.get(config.objective.name)(config)
+    self.epsilon_network = _parameterisation(config) == "epsilon"
     names = sharding.logical_names(abstract_params)
     param_sh = sharding.param_shardings(nnx.to_pure_dict(abstract_params), names, mesh)
     self.teacher, teacher_sh = _load_teacher(config)
@@ -84,8 +91,12 @@ class DiffusionTask:
     network's guidance conditions where it has them (iMF, `model.guidance_conditions`)."""
     model = nnx.merge(self.graphdef, params, self.buffers)
     if guidance is None:
-      return model(x, t, labels, train, s=s)
-    return model(x, t, labels, train, s=s, guidance=guidance)
+      network = lambda x, t: model(x, t, labels, train, s=s)
+    else:
+      network = lambda x, t: model(x, t, labels, train, s=s, guidance=guidance)
+    if not self.epsilon_network:
+      return network(x, t)
+    return ddpm.epsilon_as_velocity(network, x, t)
 
   def predictions(self):
     """{kind: predict(params, x, time, labels)} of the objective, for the samplers. A refiner
@@ -180,12 +191,33 @@ def _load_teacher(config):
   if "velocity" not in predictions:
     raise TesseraxError(f"teacher {workdir} gives {', '.join(predictions)}; a teacher must give "
                         "a velocity")
+  native = next(iter(predictions))
+  if config.teacher.get("init_student") and native != _parameterisation(config):
+    raise TesseraxError(f"teacher {workdir} predicts {native} natively; a student starting from "
+                        f"its weights needs objective.parameterisation={native!r}")
   if teacher_task.config.model.num_classes != config.model.num_classes:
     raise TesseraxError(f"teacher {workdir} has {teacher_task.config.model.num_classes} classes; "
                         f"this model has {config.model.num_classes}")
   _check_pairs(config, (workdir, teacher_state["step"]))
   teacher_sh = teacher_task.state_shardings["ema"]
   return (predictions["velocity"], teacher_state["ema"]), teacher_sh
+
+
+def _parameterisation(config) -> str:
+  """config.objective.parameterisation (default "velocity"), refused in one line where it
+  cannot hold: an epsilon network takes no second time input and is not trained by `ddpm`
+  itself this way (that objective reads the epsilon directly)."""
+  kind = config.objective.get("parameterisation", "velocity")
+  if kind not in PARAMETERISATIONS:
+    raise TesseraxError(f"objective.parameterisation={kind!r}; choose from "
+                        f"{', '.join(PARAMETERISATIONS)}")
+  if kind == "epsilon" and config.objective.name == "ddpm":
+    raise TesseraxError("objective ddpm trains the epsilon network directly; drop "
+                        "objective.parameterisation")
+  if kind == "epsilon" and config.model.get("second_time"):
+    raise TesseraxError("an epsilon (DDPM) network has no second time input; flow-map and CTM "
+                        "students need a velocity network")
+  return kind
 
 
 def _check_pairs(config, teacher=None):
