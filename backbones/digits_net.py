@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 from flax import traverse_util
 
+from tesserax.backbones.vgg_lpips import headless_distance
 from tesserax.core.errors import TesseraxError
 from tesserax.core.sharding import map_batched
 from tesserax.data.digits import NUM_CLASSES, digits_arrays
@@ -46,12 +47,23 @@ class Classifier(nnx.Module):
     self.hidden = nnx.Linear(size * size * 64, FEATURES, precision=HIGHEST, rngs=rngs)
     self.head = nnx.Linear(FEATURES, NUM_CLASSES, precision=HIGHEST, rngs=rngs)
 
+  def taps(self, x):
+    """The three convolutions' activations, [N, R, R, 16], [N, R/2, R/2, 32], [N, R/4, R/4, 64]."""
+    taps = []
+    for conv in (self.conv1, self.conv2, self.conv3):
+      x = nnx.relu(conv(x))
+      taps.append(x)
+    return taps
+
   def feature_map(self, x):
     """The last convolution's activations [N, R / 4, R / 4, 64] (the digits stand-in for a
     foundation model's patch features in the VF loss)."""
-    x = nnx.relu(self.conv1(x))
-    x = nnx.relu(self.conv2(x))
-    return nnx.relu(self.conv3(x))
+    return self.taps(x)[-1]
+
+  def perceptual_distance(self, a, b):
+    """Per-image LPIPS form without learned heads over the three convolutions' activations
+    (backbones/vgg_lpips.py headless_distance): the offline stand-in for LPIPS."""
+    return headless_distance(self.taps(a), self.taps(b))
 
   def features(self, x):
     x = self.feature_map(x)

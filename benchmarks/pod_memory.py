@@ -127,9 +127,9 @@ def measure(name: str, devices: int, mesh_name: str, batch_size: int | None) -> 
   rep = sharding.replicated(mesh)
   step = jax.jit(task._train_step,
                  in_shardings=(task.state_shardings, {k: v.sharding for k, v in batch.items()},
-                               None),
+                               None, None),
                  out_shardings=(task.state_shardings, rep), donate_argnums=(0,))
-  compiled = step.lower(task.abstract_state, batch, None).compile()
+  compiled = step.lower(task.abstract_state, batch, None, None).compile()
   memory = compiled.memory_analysis()
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(task.abstract_state["params"]))
   batch_bytes = sum(int(np.prod(v.sharding.shard_shape(v.shape))) * v.dtype.itemsize

@@ -2,9 +2,9 @@
 (configs/digits_dit.py) retrained as a 2-RF on the coupling of the trained digits flow model,
 starting from its weights (`teacher.init_student`), with 2-RF++'s U-shaped timesteps (a = 4)
 and the pseudo-Huber premetric (objectives/reflow.py). The LPIPS-Huber premetric
-(`--config.objective.loss=lpips_huber`) needs a feature network handed to the objective (the
-digits network offline). Sampled with one Euler step, or with 2-RF++'s re-anchoring sampler
-(`reflow_new`).
+(`--config.objective.loss=lpips_huber --config.objective.perceptual=digits_net`) reads the
+digits network's head-free LPIPS offline (`lpips` at ImageNet scale). Sampled with one Euler
+step, or with 2-RF++'s re-anchoring sampler (`reflow_new`).
 
 Pairs: `objective.online_solver`, `online_steps` and `online_cfg_scale` name the teacher's ODE
 (16 Heun steps, no guidance). By default the pairs are drawn from it inside each step (the
@@ -38,8 +38,8 @@ def get_config(arg=None):
   config = config_lib.load("digits_dit:tiny" if arg == "tiny" else "digits_dit")
   config.teacher = dict(workdir="", init_student=True)
   config.objective = dict(name="reflow", time_sampling="u_shaped", u_shape_a=4.0, loss="huber",
-                          lpips_divt=False, online_steps=16, online_solver="heun",
-                          online_cfg_scale=1.0)
+                          lpips_divt=False, perceptual="", online_steps=16,
+                          online_solver="heun", online_cfg_scale=1.0)
   config.optim.warmup_steps = 0
   config.sample.update(solver="euler", num_steps=1)
   if arg != "tiny":

@@ -32,8 +32,9 @@ def get_config(arg=None):
   config = config_lib.load("digits_dit:tiny" if arg == "tiny" else "digits_dit")
   config.teacher = dict(workdir="", init_student=False)
   config.objective = dict(name="slimflow", anneal_steps=config.num_steps // 2,
-                          time_sampling="uniform", loss="mse", flow_guidance=False, h_flip=False,
-                          online_steps=4, online_solver="heun", online_cfg_scale=1.0)
+                          time_sampling="uniform", loss="mse", perceptual="", flow_guidance=False,
+                          h_flip=False, online_steps=4, online_solver="heun",
+                          online_cfg_scale=1.0)
   config.sample.update(solver="euler", num_steps=1)
   if arg == "tiny":
     config.objective.online_steps = 2

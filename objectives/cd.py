@@ -11,9 +11,9 @@ with uniform weighting. The teacher is the frozen flow model of `teacher.workdir
 denoiser (objectives/edm.py); the target network theta- is the online network (the CIFAR-10
 setting, mu = 0) or the trainer's EMA (`target="ema"`: ImageNet-64 uses a fixed 0.95 there).
 The network has no dropout, so the two evaluations share it trivially. Published defaults
-(CIFAR-10): N = 18, sigma in [0.002, 80], sigma_data 0.5, Heun; LPIPS is the paper's best
-metric and needs a feature network objectives cannot import, so the metrics are l2, l1 and
-pseudo-Huber.
+(CIFAR-10): N = 18, sigma in [0.002, 80], sigma_data 0.5, Heun. Metrics: l2, l1,
+pseudo-Huber, and "perceptual", the paper's best (LPIPS): a frozen network the task puts in the
+context (objectives/context.py).
 """
 import functools
 
@@ -25,14 +25,13 @@ from tesserax.objectives import edm
 from tesserax.objectives.context import Objective
 
 
-def distillation_distance(f_online, f_target, teacher_step, x0, z, sigma, sigma_next, metric,
-                          huber_c=None):
-  """Per-example d(f_online(x0 + sigma_next z, sigma_next), sg f_target(x_hat, sigma)), where
-  x_hat = teacher_step(x0 + sigma_next z, sigma_next, sigma)."""
+def distillation_distance(f_online, f_target, teacher_step, x0, z, sigma, sigma_next, distance):
+  """Per-example distance(f_online(x0 + sigma_next z, sigma_next), sg f_target(x_hat, sigma)),
+  where x_hat = teacher_step(x0 + sigma_next z, sigma_next, sigma)."""
   x_next = x0 + edm.per_example(sigma_next, x0) * z
   x_hat = jax.lax.stop_gradient(teacher_step(x_next, sigma_next, sigma))
   target = jax.lax.stop_gradient(f_target(x_hat, sigma))
-  return edm.distance(f_online(x_next, sigma_next) - target, metric, huber_c)
+  return distance(f_online(x_next, sigma_next), target)
 
 
 def student(apply, params, labels, settings, *, train):
@@ -60,7 +59,8 @@ def loss(apply, params, batch, ctx, *, settings):
   target = edm.target_params(params, ctx, settings.target)
   d = distillation_distance(student(apply, params, labels, settings, train=True),
                             student(apply, target, labels, settings, train=True), step, x0, z,
-                            sigma, sigma_next, settings.metric, settings.get("huber_c"))
+                            sigma, sigma_next,
+                            edm.metric_distance(settings.metric, ctx, settings.get("huber_c")))
   total = jnp.mean(d)
   return total, {"loss": total}
 
@@ -74,11 +74,13 @@ def predictions(settings):
 def make(config) -> Objective:
   """config.objective: num_scales, sigma_min, sigma_max, rho, sigma_data, teacher_solver
   (heun, euler), metric (l2, l1, pseudo_huber), huber_c (None: 0.00054 sqrt(dim)), target
-  (online, ema); config.teacher.workdir the flow model distilled."""
+  (online, ema); config.teacher.workdir the flow model distilled. The metric "perceptual" is
+  LPIPS (`objective.perceptual` "lpips": the paper's CD-LPIPS, images upsampled to 224
+  bilinearly as jcm/losses.py does) or its digits stand-in ("digits_net"), given by the task."""
   s = config.objective
   edm.check_teacher(config, "cd")
   edm.check_choice("cd", "teacher_solver", s.teacher_solver, tuple(edm.TEACHER_STEPS))
-  edm.check_choice("cd", "metric", s.metric, edm.METRICS)
+  edm.check_metric(config, "cd")
   edm.check_choice("cd", "target", s.target, ("online", "ema"))
   return Objective(loss=functools.partial(loss, settings=s), predictions=predictions(s))
 
@@ -87,4 +89,4 @@ def defaults(**overrides):
   """The CIFAR-10 settings (launch.sh CD-l2), as a config.objective dict."""
   return dict(dict(name="cd", num_scales=18, sigma_min=0.002, sigma_max=80.0, rho=7.0,
               sigma_data=0.5, teacher_solver="heun", metric="l2", huber_c=None,
-              target="online"), **overrides)
+              target="online", perceptual=""), **overrides)

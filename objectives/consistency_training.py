@@ -51,7 +51,7 @@ def loss(apply, params, batch, ctx, *, settings, total_steps):
   d = cd.distillation_distance(cd.student(apply, params, labels, settings, train=True),
                                cd.student(apply, target, labels, settings, train=True),
                                training_step(x0, z), x0, z, grid(i), grid(i + 1),
-                               settings.metric, settings.get("huber_c"))
+                               edm.metric_distance(settings.metric, ctx, settings.get("huber_c")))
   total = jnp.mean(d)
   return total, {"loss": total, "num_scales": n}
 
@@ -61,7 +61,7 @@ def make(config) -> Objective:
   """config.objective: s0, s1, mu0, sigma_min, sigma_max, rho, sigma_data, metric, huber_c,
   target; K = config.num_steps."""
   s = config.objective
-  edm.check_choice("ct", "metric", s.metric, edm.METRICS)
+  edm.check_metric(config, "ct")
   edm.check_choice("ct", "target", s.target, ("online", "ema"))
   return Objective(loss=functools.partial(loss, settings=s, total_steps=config.num_steps),
                    predictions=cd.predictions(s))
@@ -70,4 +70,5 @@ def make(config) -> Objective:
 def defaults(**overrides):
   """The CIFAR-10 settings (cifar10_ve_ct_adaptive.py), as a config.objective dict."""
   return dict(dict(name="ct", s0=2, s1=150, mu0=0.9, sigma_min=0.002, sigma_max=80.0, rho=7.0,
-              sigma_data=0.5, metric="l2", huber_c=None, target="ema"), **overrides)
+              sigma_data=0.5, metric="l2", huber_c=None, target="ema", perceptual=""),
+              **overrides)

@@ -26,12 +26,15 @@ class Context(NamedTuple):
   """What a loss sees besides the batch: the step, its random key, the EMA parameters (the
   target network of consistency training), an optional frozen teacher `(velocity, params)`
   (distillation: `velocity(params, x, t, labels)` is the teacher's velocity prediction at flow
-  time t) and the number of classes (the null label is `num_classes`)."""
+  time t), the number of classes (the null label is `num_classes`) and an optional frozen
+  perceptual distance `perceptual(a, b) -> [B]` of two image batches in [-1, 1] (LPIPS, or the
+  digits network's stand-in; the task's `objective.perceptual`)."""
   step: jax.Array
   key: jax.Array
   num_classes: int
   ema: Any = None
   teacher: Any = None
+  perceptual: Any = None
 
 
 class Objective(NamedTuple):

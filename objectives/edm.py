@@ -145,7 +145,24 @@ def consistency_prediction(apply, params, x, sigma, labels, *, sigma_min, sigma_
   return consistency_function(denoiser_from_velocity(velocity), sigma_min, sigma_data)(x, sigma)
 
 
-METRICS = ("l2", "l1", "pseudo_huber")
+METRICS = ("l2", "l1", "pseudo_huber")  # distances of the difference (`distance`)
+PERCEPTUAL = "perceptual"  # the context's frozen perceptual distance (LPIPS; CD/CT's best)
+
+
+def metric_distance(metric, ctx, huber_c=None):
+  """(a, b) -> per-example d(a, b) of the metric: `distance(a - b)`, or for "perceptual" the
+  context's frozen perceptual distance."""
+  if metric == PERCEPTUAL:
+    return ctx.perceptual
+  return lambda a, b: distance(a - b, metric, huber_c)
+
+
+def check_metric(config, objective):
+  """Refuse objective.metric outside METRICS + perceptual, or perceptual without a network."""
+  check_choice(objective, "metric", config.objective.metric, METRICS + (PERCEPTUAL,))
+  if config.objective.metric == PERCEPTUAL and not config.objective.get("perceptual"):
+    raise TesseraxError(f"objective {objective}: metric perceptual needs objective.perceptual "
+                        "(lpips, or digits_net offline)")
 
 
 def check_choice(objective, key, value, choices):

@@ -58,7 +58,8 @@ def loss(apply, params, batch, ctx, *, settings, total_steps):
   d = cd.distillation_distance(cd.student(apply, params, labels, settings, train=True),
                                cd.student(apply, target, labels, settings, train=True),
                                consistency_training.training_step(x0, z), x0, z, sigma,
-                               sigma_next, "pseudo_huber", settings.get("huber_c"))
+                               sigma_next,
+                               edm.metric_distance("pseudo_huber", ctx, settings.get("huber_c")))
   total = jnp.mean(d / (sigma_next - sigma))
   return total, {"loss": total, "num_scales": n}
 

@@ -18,13 +18,10 @@ Losses (`objective.loss`), per example, averaged over the batch:
   huber        (sqrt(|v_theta - v|^2 + c^2) - c) / d with c = 0.00054 d, d = H W C (rfpp
                `huber`: note c grows with d itself, not with sqrt(d) as in iCT);
   lpips_huber  (1 - t) huber + D(x_hat, x) [/ t with `lpips_divt`] (rfpp `lpips-huber`, the
-               2-RF++ premetric), D a perceptual distance over a feature network's features.
-The perceptual distance is LPIPS's form without its learned linear heads: for each feature map
-unit-normalised over channels (eps 1e-10), the squared difference summed over channels and
-averaged over positions, summed over maps. The feature function is an argument of `make`
-(`features(images in [-1, 1]) -> array or list of arrays [B, ..., C]`), so any network can
-serve: VGG-LPIPS at ImageNet scale (rfpp upsamples to 224 inside its LPIPS call; a feature
-function does its own resizing), the digits network offline. Labels are not dropped (rfpp).
+               2-RF++ premetric), D the context's frozen perceptual distance
+               (`objective.perceptual`: "lpips", VGG LPIPS on images upsampled to 224 as rfpp
+               does, or "digits_net", LPIPS's head-free form over the digits network, offline).
+Labels are not dropped (rfpp).
 
 A batch without "noise" (a plain image dataset) draws its pairs online from the frozen teacher
 of the context: `online_steps` steps of `online_solver` ("euler", "heun") with guidance
@@ -76,18 +73,6 @@ def pseudo_huber(pred, target):
   return (jnp.sqrt(sq + c * c) - c) / d
 
 
-def perceptual_distance(features, a, b):
-  """LPIPS's distance without learned heads, per example, over `features` of a and b."""
-  out = features(jnp.concatenate([a, b]))
-  total = 0.0
-  for f in out if isinstance(out, (list, tuple)) else [out]:
-    f = f / (jnp.sqrt(jnp.sum(jnp.square(f), axis=-1, keepdims=True)) + 1e-10)
-    fa, fb = f[:a.shape[0]], f[a.shape[0]:]
-    per_position = jnp.sum(jnp.square(fa - fb), axis=-1)
-    total = total + jnp.mean(per_position.reshape(a.shape[0], -1), axis=1)
-  return total
-
-
 def online_pairs(ctx, labels, shape, settings):
   """(noise, teacher sample) drawn inside the step from the frozen teacher in `ctx`: its ODE
   over `online_steps` steps of `online_solver` with guidance `online_cfg_scale`
@@ -103,7 +88,7 @@ def online_pairs(ctx, labels, shape, settings):
   return z, jax.lax.stop_gradient(x)
 
 
-def loss(apply, params, batch, ctx, *, settings, features):
+def loss(apply, params, batch, ctx, *, settings):
   labels = batch["label"]
   if "noise" in batch:
     x, z = batch["image"], batch["noise"]
@@ -122,7 +107,7 @@ def loss(apply, params, batch, ctx, *, settings, features):
     total = jnp.mean(huber)
     return total, {"loss": total}
   x_hat = z_t - _expand(t, x) * pred
-  perceptual = perceptual_distance(features, x_hat, x)
+  perceptual = ctx.perceptual(x_hat, x)
   if settings.lpips_divt:
     perceptual = perceptual / t
   total = jnp.mean((1 - t) * huber + perceptual)
@@ -133,16 +118,16 @@ LOSSES = ("mse", "huber", "lpips_huber")
 
 
 @registry.OBJECTIVES.register("reflow")
-def make(config, features=None) -> Objective:
+def make(config) -> Objective:
   """config.objective: time_sampling (uniform | u_shaped), u_shape_a, loss (mse | huber |
-  lpips_huber), lpips_divt; online_steps, online_solver, online_cfg_scale (pairs drawn from
-  the teacher when the batch has none). `features` is the perceptual distance's feature
-  function, needed by lpips_huber only. The batch holds pairs: {"noise", "image", "label"}."""
+  lpips_huber), lpips_divt, perceptual (lpips_huber's network: lpips, digits_net);
+  online_steps, online_solver, online_cfg_scale (pairs drawn from the teacher when the batch
+  has none). The batch holds pairs: {"noise", "image", "label"}."""
   settings = config.objective
   if settings.loss not in LOSSES:
     raise TesseraxError(f"unknown reflow loss {settings.loss!r}; choose from {', '.join(LOSSES)}")
-  if settings.loss == "lpips_huber" and features is None:
-    raise TesseraxError("reflow loss lpips_huber needs a feature network for its perceptual "
-                        "distance; none was given")
-  return Objective(loss=functools.partial(loss, settings=settings, features=features),
+  if settings.loss == "lpips_huber" and not settings.get("perceptual"):
+    raise TesseraxError("reflow loss lpips_huber needs a perceptual network: set "
+                        "objective.perceptual (lpips, or digits_net offline)")
+  return Objective(loss=functools.partial(loss, settings=settings),
                    predictions={"velocity": velocity})

@@ -22,8 +22,8 @@ teacher like reflow's (objectives/reflow.py `online_pairs`):
    v_hat regresses to n - x_T. The two terms are summed.
 Losses (`loss`): mse, the squared velocity error averaged over pixels (`l2` with
 reduce_mean); lpips, the perceptual distance of the implied samples z - v (the official LPIPS
-at 64x64; here reflow.py's head-free LPIPS over a feature network, the digits network
-offline), for both terms. `h_flip` flips noise and sample together horizontally with
+at 64x64; here the context's frozen perceptual distance, `objective.perceptual` lpips or
+digits_net offline), for both terms. `h_flip` flips noise and sample together horizontally with
 probability 1/2 per example (the official flips the whole batch).
 
 A student whose sample shape differs from the pairs' is refused in one line.
@@ -37,7 +37,7 @@ from tesserax.core import registry
 from tesserax.core.errors import TesseraxError
 from tesserax.objectives.context import Objective
 from tesserax.objectives.rectified_flow import velocity
-from tesserax.objectives.reflow import online_pairs, perceptual_distance
+from tesserax.objectives.reflow import online_pairs
 
 GUIDANCE_TIMES = (0.2, 0.8)  # reflow.py teacher_loss_new: t_ ~ U[0.2, 0.8]
 
@@ -53,14 +53,14 @@ def anneal(step, anneal_steps):
   return jnp.clip((anneal_steps - jnp.asarray(step, jnp.float32)) / anneal_steps, 0.0, 1.0)
 
 
-def _distance(settings, features, v_pred, v_target, z):
+def _distance(settings, ctx, v_pred, v_target, z):
   """Per-example distance of a velocity to its target (mse) or of the samples z - v (lpips)."""
   if settings.loss == "mse":
     return jnp.mean(jnp.square(v_pred - v_target), axis=tuple(range(1, z.ndim)))
-  return perceptual_distance(features, z - v_pred, z - v_target)
+  return ctx.perceptual(z - v_pred, z - v_target)
 
 
-def flow_guidance(apply, params, labels, shape, ctx, settings, features):
+def flow_guidance(apply, params, labels, shape, ctx, settings):
   """The flow-guided distillation term (`teacher_loss_new`), per example."""
   velocity_fn, teacher_params = ctx.teacher
   key_n, key_s = jax.random.split(jax.random.fold_in(ctx.key, 3))
@@ -69,10 +69,10 @@ def flow_guidance(apply, params, labels, shape, ctx, settings, features):
   s = jax.random.uniform(key_s, shape[:1], minval=GUIDANCE_TIMES[0], maxval=GUIDANCE_TIMES[1])
   x_s = n - _expand(1 - s, n) * jax.lax.stop_gradient(v_hat)
   x_end = x_s - _expand(s, n) * velocity_fn(teacher_params, x_s, s, labels)
-  return _distance(settings, features, v_hat, jax.lax.stop_gradient(n - x_end), n)
+  return _distance(settings, ctx, v_hat, jax.lax.stop_gradient(n - x_end), n)
 
 
-def loss(apply, params, batch, ctx, *, settings, features, student_shape):
+def loss(apply, params, batch, ctx, *, settings, student_shape):
   labels = batch["label"]
   pair_shape = tuple(batch["noise" if "noise" in batch else "image"].shape[1:])
   if pair_shape != student_shape:
@@ -98,12 +98,12 @@ def loss(apply, params, batch, ctx, *, settings, features, student_shape):
                         "uniform or one_step")
   z_t = (1 - _expand(t, x)) * x + _expand(t, x) * z
   pred = velocity(apply, params, z_t, t, labels)
-  reflow_loss = jnp.mean(_distance(settings, features, pred, z - x, z))
+  reflow_loss = jnp.mean(_distance(settings, ctx, pred, z - x, z))
   if not settings.flow_guidance:
     return reflow_loss, {"loss": reflow_loss, "beta": beta}
   if ctx.teacher is None:
     raise TesseraxError("slimflow's flow guidance needs a teacher (teacher.workdir)")
-  guidance = jnp.mean(flow_guidance(apply, params, labels, x.shape, ctx, settings, features))
+  guidance = jnp.mean(flow_guidance(apply, params, labels, x.shape, ctx, settings))
   total = reflow_loss + guidance
   return total, {"loss": total, "reflow": reflow_loss, "flow_guidance": guidance, "beta": beta}
 
@@ -112,20 +112,20 @@ LOSSES = ("mse", "lpips")
 
 
 @registry.OBJECTIVES.register("slimflow")
-def make(config, features=None) -> Objective:
+def make(config) -> Objective:
   """config.objective: anneal_steps, time_sampling (uniform | one_step), loss (mse | lpips),
-  flow_guidance, h_flip; online_steps, online_solver, online_cfg_scale (pairs drawn from the
-  teacher when the batch has none). `features` is the perceptual distance's feature function,
-  needed by the lpips loss only."""
+  perceptual (the lpips loss's network: lpips, digits_net), flow_guidance, h_flip;
+  online_steps, online_solver, online_cfg_scale (pairs drawn from the teacher when the batch
+  has none)."""
   settings = config.objective
   if settings.loss not in LOSSES:
     raise TesseraxError(f"unknown slimflow loss {settings.loss!r}; choose from "
                         f"{', '.join(LOSSES)}")
-  if settings.loss == "lpips" and features is None:
-    raise TesseraxError("slimflow loss lpips needs a feature network for its perceptual "
-                        "distance; none was given")
+  if settings.loss == "lpips" and not settings.get("perceptual"):
+    raise TesseraxError("slimflow loss lpips needs a perceptual network: set "
+                        "objective.perceptual (lpips, or digits_net offline)")
   size = config.model.get("input_size", config.data.resolution)
   student_shape = (size, size, config.model.in_channels)
-  return Objective(loss=functools.partial(loss, settings=settings, features=features,
+  return Objective(loss=functools.partial(loss, settings=settings,
                                           student_shape=student_shape),
                    predictions={"velocity": velocity})

@@ -18,6 +18,13 @@ presents the student network to its objective as a velocity network through
 objectives/ddpm.py epsilon_as_velocity, so a CD, ECT, iCT, sCM or rectified-flow student starts
 from the DDPM weights and predicts the teacher's denoiser at step 0.
 
+`objective.perceptual` names the frozen network of a perceptual distance the objective reads
+from its context (CD/CT's metric "perceptual", reflow's lpips_huber, SlimFlow's lpips): "lpips"
+(VGG LPIPS, `tesserax weights fetch lpips_vgg`, on images upsampled bilinearly to 224 as CD's
+jcm/losses.py and rfpp do; one channel repeated to three) or "digits_net" (LPIPS's head-free
+form over the digits classifier's three convolutions, the offline stand-in). Its parameters
+are an argument of the compiled step, not constants in it.
+
 A run on a pair cache (data.name "pairs", data/pairs.py) gets batches {"noise", "image",
 "label"}; a cache of another sample shape than the network's is refused in one line, and with a
 teacher so is one the teacher did not make with the objective's pair solver
@@ -29,6 +36,7 @@ import functools
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -41,6 +49,8 @@ from tesserax.sampling import sample as sample_lib
 
 REFINER = "velocity_refiner"  # the prediction kind of objectives/flowturbo.py
 PARAMETERISATIONS = ("velocity", "epsilon")  # what the network outputs natively
+PERCEPTUAL_NETS = ("lpips", "digits_net")
+LPIPS_SIZE = 224
 
 
 def build_network(model_config, seed: int = 0):
@@ -68,6 +78,7 @@ class DiffusionTask:
     names = sharding.logical_names(abstract_params)
     param_sh = sharding.param_shardings(nnx.to_pure_dict(abstract_params), names, mesh)
     self.teacher, teacher_sh = _load_teacher(config)
+    self.perceptual = _perceptual_network(config)
     abstract_state = jax.eval_shape(self._init)
     self.state_shardings = train_state.state_shardings(abstract_state, param_sh, self.tx, mesh)
     self.abstract_state = train_state.shard_abstract(abstract_state, self.state_shardings)
@@ -80,10 +91,13 @@ class DiffusionTask:
                 "label": sharding.batch_sharding(mesh, 1)}
     if config.data.name == "pairs":
       batch_sh["noise"] = batch_sh["image"]
-    step = jax.jit(self._train_step, in_shardings=(self.state_shardings, batch_sh, teacher_sh),
+    step = jax.jit(self._train_step,
+                   in_shardings=(self.state_shardings, batch_sh, teacher_sh, rep),
                    out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
     teacher_params = self.teacher[1] if self.teacher else None
-    self.train_step = lambda state, batch: step(state, batch, teacher_params)
+    perceptual_params = (jax.device_put(self.perceptual[1], rep) if self.perceptual
+                         else None)
+    self.train_step = lambda state, batch: step(state, batch, teacher_params, perceptual_params)
     self.predict = {"generate": self.generate}
 
   def apply(self, params, x, t, labels, *, train=False, s=None, guidance=None):
@@ -117,11 +131,16 @@ class DiffusionTask:
       params = student_from_teacher(params, self.teacher[1])
     return train_state.new_state(params, self.tx, self.config.seed)
 
-  def _train_step(self, state, batch, teacher_params):
+  def _train_step(self, state, batch, teacher_params, perceptual_params):
     c = self.config
     teacher = (self.teacher[0], teacher_params) if self.teacher else None
+    perceptual = None
+    if self.perceptual:
+      graphdef, _, distance = self.perceptual
+      perceptual = lambda a, b: distance(nnx.merge(graphdef, perceptual_params), a, b)
     ctx = Context(step=state["step"], key=train_state.step_key(state),
-                  num_classes=c.model.num_classes, ema=state["ema"], teacher=teacher)
+                  num_classes=c.model.num_classes, ema=state["ema"], teacher=teacher,
+                  perceptual=perceptual)
     (loss, metrics), grads = jax.value_and_grad(
         lambda p: self.objective.loss(self.apply, p, batch, ctx), has_aux=True)(state["params"])
     new_state, step_metrics = train_state.optimizer_step(state, loss, grads, self.tx, c)
@@ -201,6 +220,38 @@ def _load_teacher(config):
   _check_pairs(config, (workdir, teacher_state["step"]))
   teacher_sh = teacher_task.state_shardings["ema"]
   return (predictions["velocity"], teacher_state["ema"]), teacher_sh
+
+
+def _lpips_distance(net, a, b):
+  """VGG LPIPS of images upsampled bilinearly to 224 (one channel repeated to three)."""
+  def prepare(x):
+    x = jax.image.resize(x, (x.shape[0], LPIPS_SIZE, LPIPS_SIZE, x.shape[-1]), "bilinear")
+    return jnp.broadcast_to(x, x.shape[:3] + (3,)) if x.shape[-1] == 1 else x
+  return net(prepare(a), prepare(b))
+
+
+def _digits_distance(net, a, b):
+  gray = lambda x: x.mean(axis=-1, keepdims=True)
+  return net.perceptual_distance(gray(a), gray(b))
+
+
+def _perceptual_network(config):
+  """(graphdef, params, distance(net, a, b)) of `objective.perceptual`, or None."""
+  name = config.objective.get("perceptual")
+  if not name:
+    return None
+  if name not in PERCEPTUAL_NETS:
+    raise TesseraxError(f"objective.perceptual={name!r}; choose from {', '.join(PERCEPTUAL_NETS)}")
+  if config.data.name == "latents":
+    raise TesseraxError("objective.perceptual compares images; this model generates latents")
+  if name == "lpips":
+    from tesserax.backbones import weights
+    net, distance = weights.load("lpips_vgg"), _lpips_distance
+  else:
+    from tesserax.backbones.digits_net import load_classifier
+    net, distance = load_classifier(config.data.resolution), _digits_distance
+  graphdef, params = nnx.split(net)
+  return graphdef, params, distance
 
 
 def _parameterisation(config) -> str:

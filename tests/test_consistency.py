@@ -95,12 +95,13 @@ def test_cd_with_the_exact_teacher_has_zero_loss_at_the_exact_consistency_functi
     n = jax.random.randint(jax.random.fold_in(key, 2), (256,), 0, 17).astype(jnp.float64)
     sigma, sigma_next = (edm.karras_sigmas(i, 18, SIGMA_MIN, 80.0) for i in (n, n + 1))
     for metric in edm.METRICS:
+      distance = lambda a, b: edm.distance(a - b, metric)
       exact = cd.distillation_distance(exact_f, exact_f, exact_ode_step, x0, z, sigma,
-                                       sigma_next, metric)
+                                       sigma_next, distance)
       np.testing.assert_allclose(exact, 0.0, atol=1e-12)
       wrong = lambda x, s: exact_f(x, s) * 1.01
       perturbed = cd.distillation_distance(wrong, exact_f, exact_ode_step, x0, z, sigma,
-                                           sigma_next, metric)
+                                           sigma_next, distance)
       assert perturbed.mean() > 1e-6
     # The teacher steps on the exact denoiser converge to the exact ODE step: local error
     # O(h^3) for Heun (ratio 8 per halving), O(h^2) for Euler (ratio 4).

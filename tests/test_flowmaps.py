@@ -20,6 +20,7 @@ import optax
 import pytest
 from scipy import stats
 
+from tesserax.backbones import vgg_lpips
 from tesserax.core import config as config_lib
 from tesserax.core.errors import TesseraxError
 from tesserax.data import pairs
@@ -311,16 +312,17 @@ def test_lpips_huber_matches_its_formula():
   x, z = rng.uniform(-1, 1, (6, 4, 4, 3)), rng.normal(size=(6, 4, 4, 3))
   pred = rng.normal(size=(6, 4, 4, 3))
   apply = lambda params, x_t, t, labels: jnp.asarray(pred, jnp.float32)
-  features = lambda images: [images, images[:, ::2, ::2] ** 2]
+  taps = lambda images: [images, images[:, ::2, ::2] ** 2]
+  perceptual = lambda a, b: vgg_lpips.headless_distance(taps(a), taps(b))
   config = ml_collections.ConfigDict(dict(objective=dict(
       name="reflow", time_sampling="u_shaped", u_shape_a=4.0, loss="lpips_huber",
-      lpips_divt=True)))
-  objective = reflow.make(config, features=features)
+      lpips_divt=True, perceptual="digits_net")))
+  objective = reflow.make(config)
   key = jax.random.PRNGKey(3)
   batch = {"image": jnp.asarray(x, jnp.float32), "noise": jnp.asarray(z, jnp.float32),
            "label": jnp.zeros(6, jnp.int32)}
-  loss, _ = jax.jit(lambda batch: objective.loss(apply, None, batch,
-                                                 Context(step=0, key=key, num_classes=1)))(batch)
+  ctx = Context(step=0, key=key, num_classes=1, perceptual=perceptual)
+  loss, _ = jax.jit(lambda batch: objective.loss(apply, None, batch, ctx))(batch)
   t = np.asarray(reflow.sample_time(key, 6, config.objective), np.float64)[:, None, None, None]
   d = 4 * 4 * 3
   c = 0.00054 * d
@@ -334,7 +336,8 @@ def test_lpips_huber_matches_its_formula():
   lpips = (distance(x_hat, x) + distance(x_hat[:, ::2, ::2] ** 2, x[:, ::2, ::2] ** 2))
   expected = np.mean((1 - t.ravel()) * huber + lpips / t.ravel())
   np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
-  with pytest.raises(TesseraxError, match="needs a feature network"):
+  config.objective.perceptual = ""
+  with pytest.raises(TesseraxError, match="needs a perceptual network"):
     reflow.make(config)
 
 

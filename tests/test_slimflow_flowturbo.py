@@ -256,7 +256,7 @@ def test_flow_guidance_regresses_onto_the_teachers_completion():
                   teacher=(teacher_apply, None))
     settings = _slimflow_config().objective
     got = jax.jit(lambda: slimflow.flow_guidance(student, None, labels, (512,) + SHAPE, ctx,
-                                                 settings, None))()
+                                                 settings))()
     # The draws of objectives/slimflow.py's keys.
     key_n, key_s = jax.random.split(jax.random.fold_in(ctx.key, 3))
     noise = np.asarray(jax.random.normal(key_n, (512,) + SHAPE))
