@@ -30,7 +30,7 @@ ARGS = ("tiny", "distill")
 
 def get_config(arg=None):
   config = config_lib.load("digits_dit:tiny" if arg == "tiny" else "digits_dit")
-  config.teacher = dict(workdir="", init_student=False)
+  config.teacher = dict(workdir="", init_student=False, pairs_workdir="")
   config.objective = dict(name="slimflow", anneal_steps=config.num_steps // 2,
                           time_sampling="uniform", loss="mse", perceptual="", flow_guidance=False,
                           h_flip=False, online_steps=4, online_solver="heun",

@@ -30,7 +30,10 @@ A run on a pair cache (data.name "pairs", data/pairs.py) gets batches {"noise", 
 teacher so is one the teacher did not make with the objective's pair solver
 (`objective.online_solver`, `online_steps`, `online_cfg_scale`, the ODE reflow draws its pairs
 from without a cache): `write_pairs` (`tesserax pairs`) records the teacher's workdir and
-checkpoint step and the solver in the cache, and `pair_maker` is that record.
+checkpoint step and the solver in the cache, and `pair_maker` is that record. Where another
+model made the pairs (SlimFlow's distillation: pairs of the big teacher, flow guidance from the
+stage-1 student), `teacher.pairs_workdir` names it and the cache is checked against its newest
+checkpoint instead.
 """
 import functools
 import os
@@ -217,7 +220,9 @@ def _load_teacher(config):
   if teacher_task.config.model.num_classes != config.model.num_classes:
     raise TesseraxError(f"teacher {workdir} has {teacher_task.config.model.num_classes} classes; "
                         f"this model has {config.model.num_classes}")
-  _check_pairs(config, (workdir, teacher_state["step"]))
+  pairs_workdir = config.teacher.get("pairs_workdir")
+  _check_pairs(config, (pairs_workdir, _newest_step(pairs_workdir)) if pairs_workdir
+               else (workdir, teacher_state["step"]))
   teacher_sh = teacher_task.state_shardings["ema"]
   return (predictions["velocity"], teacher_state["ema"]), teacher_sh
 
@@ -286,6 +291,20 @@ def _check_pairs(config, teacher=None):
     maker = pair_maker(*teacher, o.online_solver, o.online_steps, o.online_cfg_scale)
   shape = (config.data.resolution, config.data.resolution, config.model.in_channels)
   pairs.check(config.data.data_dir, maker, shape)
+
+
+def _newest_step(workdir) -> int:
+  """The newest committed checkpoint step of a training workdir, refused in one line when it
+  has none."""
+  from tesserax.core import checkpoint
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise TesseraxError(f"not a training workdir (no config.json): {workdir}")
+  steps = checkpoint.all_steps(os.path.join(workdir, "checkpoints"),
+                               config_lib.from_json(path).checkpoint)
+  if not steps:
+    raise TesseraxError(f"workdir has no checkpoint yet: {workdir}")
+  return max(steps)
 
 
 def pair_maker(workdir, step, solver, num_steps, cfg_scale) -> dict:

@@ -167,3 +167,20 @@ def test_a_cache_of_another_teacher_solver_or_shape_is_refused_in_one_line(
   _one_line(lambda: build(config), "holds 16x16x1 samples; this run needs 16x16x3$")
   _one_line(lambda: pipeline.make_train_loader(_data(str(tmp_path)), 8, 0), "tesserax pairs")
   _one_line(lambda: pipeline.build("pairs", str(tmp_path)), "tesserax pairs")
+
+
+def test_pairs_of_another_model_than_the_teacher_are_named_by_pairs_workdir(
+    pair_cache, tiny_teacher_workdir, tmp_path):
+  """SlimFlow's distillation stage: flow guidance from one model (here a copy of the teacher
+  in another workdir), pairs from another (`teacher.pairs_workdir`)."""
+  import shutil
+  guide = shutil.copytree(tiny_teacher_workdir, tmp_path / "stage1")
+  build = lambda config: diffusion.DiffusionTask(config, sharding.local_mesh())
+  config = _reflow_config(str(guide), pair_cache)
+  _one_line(lambda: build(config), f"^pair cache .* was made by .*workdir "
+                                   f"{os.path.abspath(tiny_teacher_workdir)}.*; this run needs "
+                                   f".*workdir {guide}")
+  config.teacher.pairs_workdir = tiny_teacher_workdir
+  assert build(config).teacher is not None
+  config.teacher.pairs_workdir = str(tmp_path / "missing")
+  _one_line(lambda: build(config), "not a training workdir")
