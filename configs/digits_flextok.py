@@ -23,11 +23,22 @@ Expected: test-split PSNR rising with the token count: the EMA tokenizer gave 15
           tokens (297 test images, 8 Euler steps; README, "FlexTok").
 
 `get_config("tiny")` is the test size.
+
+`get_config("latent")` trains the same FlexTok over the 4x4x4 latents of the frozen digits KL
+autoencoder (configs/digits_kl.py, the VA-VAE recipe) as the released FlexToks run over their
+VAE's: `model.vae` is that autoencoder's config, `loss.vae_dir` its exported tokenizer
+(default workdirs/digits_kl/tokenizer, what `tesserax train --config digits_kl --workdir
+workdirs/digits_kl` writes first); patch size 1 keeps the 4x4 grid of 16 patches (now 4 values
+each, not 16) that the REPA target needs; `vae_scaling_factor` 1.0. Training draws a posterior
+sample per image; the exported tokenizer holds the VAE and decodes to pixels.
+  tesserax train --config digits_flextok:latent --workdir workdirs/digits_flextok_latent
+"latent_tiny" is its test size.
 """
+from tesserax.core import config as config_lib
 from tesserax.core.config import base_config
 from tesserax.tokenizers import flextok
 
-ARGS = ("tiny",)
+ARGS = ("tiny", "latent", "latent_tiny")
 
 
 def get_config(arg=None):
@@ -52,7 +63,12 @@ def get_config(arg=None):
   config.sample.every_steps = 500
   config.evals.recon = dict(type="recon_digits", every_steps=0, split="test",
                             num_samples=297, batch_size=297)
-  if arg == "tiny":
+  if arg in ("latent", "latent_tiny"):
+    vae = config_lib.load("digits_kl").model
+    del vae.name
+    config.model.update(vae=vae, vae_scaling_factor=1.0, patch_size=1)
+    config.loss.vae_dir = "workdirs/digits_kl/tokenizer"
+  if arg in ("tiny", "latent_tiny"):
     config.num_steps = 4
     config.batch_size = 8
     config.log_every_steps = 2

@@ -14,13 +14,28 @@ classifier's last feature map, the offline stand-in) or "" (off); its feature gr
 the decoder's patch grid. The projector (`RepaProjector`, width `loss.repa_hidden`) trains with
 the model and is not exported.
 
-The train state is core/train_state.py's with params {"tokenizer", "projector"}; AdamW decays
-the matrices only (not the registers, position embeddings, mask token or null condition).
-Training runs on pixels (`model.vae` None). At the end of a run the EMA tokenizer is exported to
+Pixels or latents: without `model.vae` the encoder patches the images. With `model.vae` (a KL
+autoencoder config, tokenizers/kl_autoencoder.py) FlexTok runs over the latents of that frozen
+VAE times `model.vae_scaling_factor`, as the released models do over their SDXL-style VAE
+(ml-flextok vae_wrapper.py, `sample_posterior`): its parameters come from `loss.vae_dir`, a
+tokenizer directory holding a KL autoencoder (`tesserax train --config digits_kl` writes
+WORKDIR/tokenizer, `tesserax convert --kind flextok-vae` a released VAE, whose latent_stats
+std is 1 / scaling_factor). A directory that is missing, holds another family or whose model
+config differs from `model.vae` (any key but dtype) is refused in one line. The VAE is not
+trained: its parameters stay out of the train state (no gradient, optimizer moments, weight
+decay or EMA), are read again from `loss.vae_dir` when a run resumes and go to the step as a
+frozen argument. Training encodes a posterior sample, example i's noise normal(split(k_vae,
+B)[i]) with (k_vae, k_loss) = split(step key) and k_loss the key of flextok.training_loss;
+encode, reconstruct and the export use the posterior mean.
+
+The train state is core/train_state.py's with params {"tokenizer", "projector"} (the tokenizer
+without its VAE); AdamW decays the matrices only (not the registers, position embeddings, mask
+token or null condition). At the end of a run the EMA tokenizer, with the VAE, is exported to
 WORKDIR/tokenizer. predict["reconstruct"](params, images, batch_size=None, settings=None)
 decodes from the first `settings["tokens"]` tokens (default all) with the decoder's steps and
 guidance (tokenizers/reconstruct.py decode_settings).
 """
+import json
 import os
 
 import jax
@@ -31,11 +46,14 @@ from flax import nnx
 from tesserax.core import optim, registry, sharding, train_state
 from tesserax.core.errors import TesseraxError
 from tesserax.tasks import autoencoder
-from tesserax.tokenizers import flextok, reconstruct
+from tesserax.tokenizers import flextok, reconstruct, tokenizer
 
 # Parameters AdamW leaves undecayed: learned tokens and embeddings (and every vector).
 NO_DECAY_NAMES = ("registers", "registers_posemb", "mask_token", "nullcond")
 GRID_KS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# The optimizer's parameters and the frozen VAE's.
+TRAINED = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vae")))
+VAE = nnx.All(nnx.Param, nnx.PathContains("vae"))
 
 
 def decays(params) -> dict:
@@ -46,13 +64,41 @@ def decays(params) -> dict:
 
 
 class Trainee(nnx.Module):
-  """What trains: the FlexTok and, with REPA, its projector."""
+  """What trains: the FlexTok (its VAE frozen) and, with REPA, its projector."""
 
-  def __init__(self, config, feature_dim, *, rngs: nnx.Rngs):
-    self.tokenizer = flextok.FlexTok(config.model, rngs=rngs)
+  def __init__(self, model_config, feature_dim, repa_hidden, *, rngs: nnx.Rngs):
+    self.tokenizer = flextok.FlexTok(model_config, rngs=rngs)
     if feature_dim:
-      self.projector = flextok.RepaProjector(config.model.decoder_dim, feature_dim,
-                                             config.loss.repa_hidden, rngs=rngs)
+      self.projector = flextok.RepaProjector(model_config.decoder_dim, feature_dim, repa_hidden,
+                                             rngs=rngs)
+
+
+def _plain(value):
+  """A config value as its JSON reads back (tuples as lists)."""
+  return json.loads(json.dumps(value.to_dict() if hasattr(value, "to_dict") else value))
+
+
+def load_vae(directory, vae_config) -> dict:
+  """The pure-dict parameters of the KL autoencoder in tokenizer directory `directory`, refused
+  in one line unless it is one whose model config equals `vae_config` in every key but dtype."""
+  if not directory:
+    raise TesseraxError("model.vae is set but loss.vae_dir is empty: give the tokenizer "
+                        "directory of the frozen KL autoencoder (e.g. WORKDIR/tokenizer of "
+                        "`tesserax train --config digits_kl`)")
+  try:
+    meta = tokenizer.read_config(directory)
+  except TesseraxError as e:
+    raise TesseraxError(f"loss.vae_dir: {e}") from None
+  if meta["tokenizer"] != "kl_autoencoder":
+    raise TesseraxError(f"loss.vae_dir={directory} holds a {meta['tokenizer']} tokenizer, not "
+                        "a KL autoencoder")
+  for key in vae_config:
+    want = _plain(vae_config[key])
+    got = _plain(meta["model"][key]) if key in meta["model"] else "missing"
+    if key != "dtype" and got != want:
+      raise TesseraxError(f"loss.vae_dir={directory} holds a KL autoencoder with {key}={got!r}, "
+                          f"but model.vae.{key}={want!r}")
+  return nnx.to_pure_dict(nnx.state(tokenizer.load(directory).model, nnx.Param))
 
 
 @registry.TASKS.register("flextok")
@@ -62,16 +108,25 @@ class FlexTokTask:
   def __init__(self, config, mesh):
     self.config, self.mesh = config, mesh
     c, loss = config, config.loss
-    if c.model.get("vae") is not None:
-      raise TesseraxError("FlexTok training runs on pixels: set model.vae to None (latent "
-                          "FlexToks are converted, not trained, here)")
     if loss.keep_k not in flextok.KEEP_K_MODES:
       raise TesseraxError(f"unknown loss.keep_k {loss.keep_k!r}; choose from "
                           f"{', '.join(flextok.KEEP_K_MODES)}")
+    vae = c.model.get("vae")
+    if vae is None and loss.get("vae_dir"):
+      raise TesseraxError(f"loss.vae_dir={loss.vae_dir} is set but model.vae is None (a pixel "
+                          "FlexTok): set model.vae to the directory's KL autoencoder config")
+    if vae is not None and (vae.resolution, vae.in_channels) != (c.model.resolution,
+                                                                c.model.channels):
+      raise TesseraxError(f"model.vae takes {vae.resolution}x{vae.resolution}x{vae.in_channels}"
+                          f" images but model.resolution={c.model.resolution}, "
+                          f"model.channels={c.model.channels}")
     rep = sharding.replicated(mesh)
+    frozen = {}
+    if vae is not None:
+      frozen["vae"] = {"tokenizer": {"vae": load_vae(loss.get("vae_dir", ""), vae)}}
     abstract_model = nnx.eval_shape(lambda: flextok.build(c.model, c.seed))
     self.grid = tuple(n // c.model.patch_size for n in abstract_model.latent_grid[:2])
-    self.frozen_graphdef, frozen, feature_dim = None, {}, 0
+    self.frozen_graphdef, feature_dim = None, 0
     foundation = autoencoder._foundation(loss.foundation, c.model.resolution)
     if foundation and loss.repa_weight:
       module, self.foundation_features = foundation
@@ -82,13 +137,14 @@ class FlexTokTask:
                             f"feature map but the decoder's patch grid is {self.grid[0]}x"
                             f"{self.grid[1]}")
       feature_dim = shape[-1]
-      self.frozen_graphdef, frozen = nnx.split(module)
+      self.frozen_graphdef, frozen["foundation"] = nnx.split(module)
     self.frozen = jax.device_put(frozen, rep)
+    self.vae = self.frozen.get("vae", {})
     self.feature_dim = feature_dim
-    abstract = nnx.eval_shape(self._build)
-    self.graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
-    self.buffers = jax.device_put(nnx.to_pure_dict(nnx.state(self._build(),
-                                                             nnx.Not(nnx.Param))), rep)
+    self.graphdef, abstract_params, _, _ = nnx.split(nnx.eval_shape(self._build), TRAINED, VAE,
+                                                     ...)
+    self.buffers = jax.device_put(jax.jit(lambda: nnx.to_pure_dict(
+        nnx.state(self._build(), nnx.Not(nnx.Param))))(), rep)
     self.tx = optim.make_optimizer(c.optim, c.num_steps, mask=decays)
     names = sharding.logical_names(abstract_params)
     param_sh = sharding.param_shardings(nnx.to_pure_dict(abstract_params), names, mesh)
@@ -102,7 +158,8 @@ class FlexTokTask:
                     "decode": self.decode}
 
   def _build(self):
-    return Trainee(self.config, self.feature_dim, rngs=nnx.Rngs(self.config.seed))
+    c = self.config
+    return Trainee(c.model, self.feature_dim, c.loss.repa_hidden, rngs=nnx.Rngs(c.seed))
 
   def _targets_of(self, module, images):
     """REPA targets [B, h, w, D'] of images in [-1, 1] (grayscale to the frozen net)."""
@@ -110,14 +167,16 @@ class FlexTokTask:
       images = jnp.mean(images, axis=-1, keepdims=True)
     return self.foundation_features(module, images)
 
+  def _trainee(self, params, vae):
+    return nnx.merge(self.graphdef, params, vae, self.buffers)
+
   def model(self, params):
-    """The FlexTok network of the `tokenizer` params."""
-    trainee = nnx.merge(self.graphdef, params, self.buffers)
-    return trainee.tokenizer
+    """The FlexTok network of the `tokenizer` params, with the frozen VAE."""
+    return self._trainee(params, self.vae).tokenizer
 
   def _init(self):
-    return train_state.new_state(nnx.to_pure_dict(nnx.state(self._build(), nnx.Param)),
-                                 self.tx, self.config.seed)
+    return train_state.new_state(nnx.to_pure_dict(nnx.state(self._build(), TRAINED)), self.tx,
+                                 self.config.seed)
 
   def _train_step(self, state, batch, frozen):
     c, loss_cfg = self.config, self.config.loss
@@ -125,15 +184,19 @@ class FlexTokTask:
     key = train_state.step_key(state)
     targets = None
     if self.frozen_graphdef is not None:
-      net = nnx.merge(self.frozen_graphdef, frozen)
+      net = nnx.merge(self.frozen_graphdef, frozen["foundation"])
       targets = jax.lax.stop_gradient(self._targets_of(net, x))
       targets = targets.reshape(targets.shape[0], -1, targets.shape[-1])
+    latent_keys = None
+    if "vae" in frozen:  # the loss encodes posterior samples of the frozen VAE
+      vae_key, key = jax.random.split(key)
+      latent_keys = jax.random.split(vae_key, x.shape[0])
 
     def loss_fn(params):
-      trainee = nnx.merge(self.graphdef, params, self.buffers)
+      trainee = self._trainee(params, frozen.get("vae", {}))
       loss, metrics = flextok.training_loss(
-          trainee.tokenizer, key, x, keep_k_mode=loss_cfg.keep_k, null_prob=loss_cfg.null_prob,
-          skip_rounding_prob=loss_cfg.skip_rounding_prob,
+          trainee.tokenizer, key, x, latent_keys=latent_keys, keep_k_mode=loss_cfg.keep_k,
+          null_prob=loss_cfg.null_prob, skip_rounding_prob=loss_cfg.skip_rounding_prob,
           projector=getattr(trainee, "projector", None), repa_targets=targets,
           repa_layer=loss_cfg.repa_layer, repa_weight=loss_cfg.repa_weight)
       return loss, dict(metrics, loss=loss)
@@ -170,8 +233,7 @@ class FlexTokTask:
     return np.concatenate(rows), 8, max(1, 64 // c.data.resolution)
 
   def export(self, state, workdir, log=print):
-    """WORKDIR/tokenizer: the EMA FlexTok (without the REPA projector)."""
-    from tesserax.tokenizers import tokenizer
+    """WORKDIR/tokenizer: the EMA FlexTok with its VAE (without the REPA projector)."""
     if jax.process_index() == 0:
       directory = os.path.join(workdir, "tokenizer")
       tokenizer.save(directory, "flextok", "flextok", self.config.model,

@@ -475,12 +475,13 @@ def repa_loss(projected, targets, eps=1e-8):
   return -jnp.mean(dot / jnp.maximum(norms, eps))
 
 
-def training_loss(model, key, images, *, keep_k_mode="uniform", null_prob=0.0,
-                  skip_rounding_prob=0.0, projector=None, repa_targets=None, repa_layer=1,
-                  repa_weight=1.0):
+def training_loss(model, key, images, *, latent_keys=None, keep_k_mode="uniform",
+                  null_prob=0.0, skip_rounding_prob=0.0, projector=None, repa_targets=None,
+                  repa_layer=1, repa_weight=1.0):
   """(loss, metrics) of one FlexTok batch, end to end through encoder, FSQ and decoder.
 
-  The VAE is frozen (its latents are a constant). Per example: keep_k from `sample_keep_k`,
+  The VAE is frozen (its latents are a constant): a posterior sample with `latent_keys` [B]
+  (the official `sample_posterior`), its mean without. Per example: keep_k from `sample_keep_k`,
   the null condition with probability `null_prob` (CFG dropout), FSQ rounding skipped with
   probability `skip_rounding_prob` (drop_quant_p), t = sigmoid(n), n ~ N(0, 1) (MinRFNoiseModule
   ln=True), x_t = (1 - t) x0 + t eps. Loss: mean (v - (eps - x0))^2, plus with a `projector`
@@ -488,7 +489,7 @@ def training_loss(model, key, images, *, keep_k_mode="uniform", null_prob=0.0,
   repa_weight * repa_loss of the projected patch tokens after decoder block `repa_layer`."""
   k_keep, k_null, k_skip, k_t, k_eps = jax.random.split(key, 5)
   b = images.shape[0]
-  x0 = jax.lax.stop_gradient(model.image_latents(images))
+  x0 = jax.lax.stop_gradient(model.image_latents(images, latent_keys))
   skip = jax.random.bernoulli(k_skip, skip_rounding_prob, (b,))
   codes = fsq.quantize(model.encoder(x0), model.levels, skip)
   keep_k = sample_keep_k(k_keep, b, model.num_registers, keep_k_mode)
