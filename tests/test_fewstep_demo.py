@@ -20,7 +20,8 @@ def test_fewstep_demo_scores_teacher_and_students_and_resumes(digits_data_dir, t
 
   monkeypatch.setattr(config_lib, "load", load_here)
   workdir = str(tmp_path / "fewstep")
-  students = ("ect", "meanflow")  # a consistency and a flow-map student
+  # A consistency, a flow-map and a two-stage student on a pair cache.
+  students = ("ect", "meanflow", "slimflow")
   results = fewstep.run(workdir, size="tiny", teacher_nfe=(1, 2), students=students)
   with open(os.path.join(workdir, "fewstep.json")) as f:
     saved = json.load(f)
@@ -41,5 +42,5 @@ def test_fewstep_demo_scores_teacher_and_students_and_resumes(digits_data_dir, t
 
   capsys.readouterr()
   again = fewstep.run(workdir, size="tiny", teacher_nfe=(1, 2), students=students)
-  assert capsys.readouterr().out.count("resumed from") == 1 + len(students)
+  assert capsys.readouterr().out.count("resumed from") == 1 + len(students) + 1  # SlimFlow: 2
   assert again == results
