@@ -13,7 +13,7 @@ Losses (Sec. 4):
   network maps both to 0:
     d(G-(G_theta(x_t, t, s), s, 0), sg G-(G-(x_u, u, s), s, 0)),
   G- the target network (the trainer's EMA; the official code keeps a 0.999 target EMA);
-  the paper's metric is LPIPS, here l2, l1 or pseudo-Huber;
+  l2, l1, pseudo-Huber or "perceptual", the paper's LPIPS (the task's `objective.perceptual`);
 - denoising score matching on g(x, sigma, sigma) with EDM's log-normal sigma (P_mean -1.2,
   P_std 1.2) and weight (sigma^2 + sigma_d^2) / (sigma sigma_d)^2, scaled by `dsm_weight`.
 The optional GAN term is not implemented.
@@ -73,7 +73,8 @@ def loss(apply, params, batch, ctx, *, settings):
   g_target = jump(apply, edm.target_params(params, ctx, settings.target), labels, train=True)
   estimate = g_target(g_theta(x_t, sigma_t, sigma_s), sigma_s, zeros)
   target = jax.lax.stop_gradient(g_target(g_target(x_u, sigma_u, sigma_s), sigma_s, zeros))
-  ctm = jnp.mean(edm.distance(estimate - target, settings.metric, settings.get("huber_c")))
+  distance = edm.metric_distance(settings.metric, ctx, settings.get("huber_c"))
+  ctm = jnp.mean(distance(estimate, target))
   sigma = jnp.exp(-1.2 + 1.2 * jax.random.normal(key_dsm, (b,)))
   x = x0 + edm.per_example(sigma, x0) * jax.random.normal(key_eps, x0.shape, x0.dtype)
   denoised = edm.denoiser_from_velocity(
@@ -96,14 +97,15 @@ def velocity(apply, params, x, t, labels):
 
 @registry.OBJECTIVES.register("ctm")
 def make(config) -> Objective:
-  """config.objective: num_scales, sigma_min, sigma_max, rho, sigma_data, metric, huber_c,
-  target (online, ema), dsm_weight; config.teacher.workdir the flow model distilled."""
+  """config.objective: num_scales, sigma_min, sigma_max, rho, sigma_data, metric (l2, l1,
+  pseudo_huber, perceptual), huber_c, target (online, ema), dsm_weight, perceptual (lpips,
+  digits_net); config.teacher.workdir the flow model distilled."""
   s = config.objective
   if not config.model.get("second_time", False):
     raise TesseraxError("objective ctm needs a network with a second time input "
                         "(model.second_time=True)")
   edm.check_teacher(config, "ctm")
-  edm.check_choice("ctm", "metric", s.metric, edm.METRICS)
+  edm.check_metric(config, "ctm")
   edm.check_choice("ctm", "target", s.target, ("online", "ema"))
   return Objective(loss=functools.partial(loss, settings=s),
                    predictions={"flow_map": flow_map, "denoiser": denoiser,
@@ -113,4 +115,5 @@ def make(config) -> Objective:
 def defaults(**overrides):
   """CIFAR-10-like settings (N = 18, EMA target, DSM weight 1), as a config.objective dict."""
   return dict(dict(name="ctm", num_scales=18, sigma_min=0.002, sigma_max=80.0, rho=7.0,
-              sigma_data=0.5, metric="l2", huber_c=None, target="ema", dsm_weight=1.0), **overrides)
+              sigma_data=0.5, metric="l2", huber_c=None, target="ema", dsm_weight=1.0, perceptual=""),
+              **overrides)
