@@ -277,8 +277,8 @@ def check_or_write_workdir_config(config: ml_collections.ConfigDict, workdir: st
   if os.path.exists(path):
     a, b = _flatten(_read_saved(path)), _flatten(current)
     # An option added since the workdir was written, at its off value, changes nothing.
-    added_off = lambda k: (k not in a and b[k] in (False, None)) or (k not in b and
-                                                                     a[k] in (False, None))
+    off = lambda value: value in (False, None, "")
+    added_off = lambda k: (k not in a and off(b[k])) or (k not in b and off(a[k]))
     diffs = [k for k in sorted(set(a) | set(b))
              if not _resumable(k) and a.get(k) != b.get(k) and not added_off(k)]
     if diffs:

@@ -53,11 +53,13 @@ TEACHER_SOLVERS = {
 class Student(NamedTuple):
   """A student recipe in configs/ and its sample settings at each NFE (overrides of the
   recipe's `sample` section); `pairs` > 0 trains it on a cache of that many teacher pairs;
-  `distill` names the recipe of a second stage trained from the first."""
+  `distill` names the recipe of a second stage trained from the first; `variants` are more
+  samplers scored as rows NAME/VARIANT ({variant: {nfe: overrides}})."""
   recipe: str
   settings: dict
   pairs: int = 0
   distill: str = ""
+  variants: dict = {}
 
 
 def _jumps(nfe):
@@ -88,8 +90,10 @@ STUDENTS = {
     "flowturbo": Student("digits_flowturbo", {n: _flowturbo(n) for n in (2, 4)}),
     "slimflow": Student("digits_slimflow", {n: _jumps(n) for n in STUDENT_NFE}, pairs=4000,
                         distill="digits_slimflow:distill"),
-    # 4,000 pairs of 16 Heun steps: about 30 s of sampling on 2 CPU cores.
-    "2rfpp": Student("digits_reflow", {n: _jumps(n) for n in STUDENT_NFE}, pairs=4000),
+    # 4,000 pairs of 16 Heun steps: about 30 s of sampling on 2 CPU cores. Also sampled with
+    # 2-RF++'s re-anchoring sampler at 4 NFE (at 1 and 2 steps it is the Euler sampler).
+    "2rfpp": Student("digits_reflow", {n: _jumps(n) for n in STUDENT_NFE}, pairs=4000,
+                     variants={"new": {4: {"solver": "reflow_new", "num_steps": 4}}}),
 }
 # The default run: every consistency student the issue names and the flow-map and straightened
 # students that reach the digits bars. Named only (--students ctm,flowturbo,slimflow): CTM
@@ -159,10 +163,14 @@ def run(workdir: str, teacher_workdir: str | None = None, students=DEFAULT_STUDE
     if trained is None:
       return None
     task, state = trained
-    for nfe in STUDENTS[name].settings:
-      settings = config.sample.copy_and_resolve_references()
-      settings.update(STUDENTS[name].settings[nfe])
-      score_at(task, state["ema"], name, nfe, settings)
+    rows = {name: STUDENTS[name].settings}
+    rows.update({f"{name}/{variant}": per_nfe
+                 for variant, per_nfe in STUDENTS[name].variants.items()})
+    for row, per_nfe in rows.items():
+      for nfe, overrides in per_nfe.items():
+        settings = config.sample.copy_and_resolve_references()
+        settings.update(overrides)
+        score_at(task, state["ema"], row, nfe, settings)
   if jax.process_index() == 0:
     with files.atomic_output(os.path.join(workdir, "fewstep.json")) as tmp, open(tmp, "w") as f:
       json.dump(results, f, indent=2)

@@ -262,3 +262,15 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
   _raise_in_command(monkeypatch, lambda: {}["missing"])
   with pytest.raises(KeyError):
     cli.main(["eval", "--samples", "s.npz"])
+
+
+def test_an_option_added_at_its_off_value_keeps_a_workdir_resumable(tmp_path):
+  """False, None, 0 and "" are off: a workdir written before the key existed resumes."""
+  config_lib.check_or_write_workdir_config(_tiny(), str(tmp_path), True)
+  for value in (False, None, 0, ""):
+    config = _tiny()
+    config.teacher = dict(pairs_workdir=value)
+    config_lib.check_or_write_workdir_config(config, str(tmp_path), False)
+  config.teacher.pairs_workdir = "workdirs/digits"
+  with pytest.raises(TesseraxError, match="teacher.pairs_workdir"):
+    config_lib.check_or_write_workdir_config(config, str(tmp_path), False)
