@@ -20,15 +20,17 @@ def test_fewstep_demo_scores_teacher_and_students_and_resumes(digits_data_dir, t
 
   monkeypatch.setattr(config_lib, "load", load_here)
   workdir = str(tmp_path / "fewstep")
-  # A consistency, a flow-map and a two-stage student on a pair cache.
-  students = ("ect", "meanflow", "slimflow")
+  # A consistency and a flow-map student, and two on one pair cache: a two-stage one and one
+  # with a second sampler.
+  students = ("ect", "meanflow", "slimflow", "2rfpp")
   results = fewstep.run(workdir, size="tiny", teacher_nfe=(1, 2), students=students)
   with open(os.path.join(workdir, "fewstep.json")) as f:
     saved = json.load(f)
   assert saved == json.loads(json.dumps(results))
   models = saved["models"]
   assert sorted(models) == sorted([f"teacher/{s}" for s in fewstep.TEACHER_SOLVERS]
-                                  + list(students))
+                                  + list(students) + ["2rfpp/new"])
+  assert list(models["2rfpp/new"]) == ["4"]
   assert sorted(models["teacher/euler"], key=int) == ["1", "2"]
   assert sorted(models["teacher/heun"], key=int) == ["2"]
   for name in students:
