@@ -83,7 +83,9 @@ def loss(apply, params, batch, ctx, *, settings, distill):
   frozen = edm.network_velocity(apply, jax.lax.stop_gradient(params), labels, train=True)
   r = warmup(ctx.step, settings.warmup_steps)
   f_minus, g = tangent(edm.trigflow_from_velocity(frozen, sd), x, tau, dxdt, r, sd)
-  g = jax.lax.stop_gradient(normalize(g, settings.tangent_c))
+  if settings.get("tangent_normalization", True):
+    g = normalize(g, settings.tangent_c)
+  g = jax.lax.stop_gradient(g)
   mse = jnp.mean(jnp.square(f_theta - jax.lax.stop_gradient(f_minus) - g),
                  axis=tuple(range(1, x0.ndim)))
   prior = 1 / (sd * jnp.tan(tau)) if settings.prior_weighting else 1.0
@@ -109,7 +111,8 @@ def _make(config, name, distill):
 
 @registry.OBJECTIVES.register("sct")
 def make_sct(config) -> Objective:
-  """config.objective: sigma_data, p_mean, p_std, warmup_steps, tangent_c, prior_weighting."""
+  """config.objective: sigma_data, p_mean, p_std, warmup_steps, tangent_normalization (off:
+  the raw tangents of the paper's Fig. 5a ablation), tangent_c, prior_weighting."""
   return _make(config, "sct", distill=False)
 
 
@@ -122,4 +125,5 @@ def make_scd(config) -> Objective:
 def defaults(name="sct", **overrides):
   """The CIFAR-10 settings, as a config.objective dict."""
   return dict(dict(name=name, sigma_data=0.5, p_mean=-1.0, p_std=1.4, warmup_steps=10000,
-              tangent_c=0.1, prior_weighting=True, teacher_cfg=1.0), **overrides)
+              tangent_normalization=True, tangent_c=0.1, prior_weighting=True, teacher_cfg=1.0),
+              **overrides)
