@@ -3,6 +3,7 @@ timed in one run, printed as time ratios tesserax / peer (below 1: tesserax is f
 
   python -m tesserax.benchmarks.peers                          # CPU: DiT-S/2, 32x32x4 latents
   python -m tesserax.benchmarks.peers --size XL --batch 32 --vae_resolution 256   # accelerator
+  python -m tesserax.benchmarks.peers --only fid --rounds 3     # FID peers only (~6 min, 2 cores)
 
 Peers (`pip install 'tesserax[bench]'`): diffusers' DiTTransformer2DModel, AutoencoderKL and
 DPMSolverMultistepScheduler, each given tesserax's weights through tesserax's converters:
@@ -28,15 +29,31 @@ scale in float32, DiT gradients to 1e-4 of the gradient norm, sampling and the V
 a pair that disagrees prints the difference and no ratio. Timing: a warm-up call each, then
 `--rounds` rounds alternating the two sides, medians. torch runs `--threads` threads
 (torch.set_num_threads); XLA:CPU uses the machine's cores, so run with as many cores as
-threads (taskset -c 0,1 on a larger machine). FID against pytorch-fid / torch-fidelity is not
-here: both need torchvision, which has no CPU wheel for this torch on PyPI.
+threads (taskset -c 0,1 on a larger machine).
+
+FID (`--only fid`): pytorch-fid and torch-fidelity on one random FID Inception, written as the
+official pt_inception-2015-12-05 state_dict (.pth) and read by each tool's own loader:
+tesserax's weights.inception_params, pytorch-fid's InceptionV3([3]) with its URL loader
+patched to return it, torch-fidelity's `feature_extractor_weights_path`. Each peer resizes
+256 -> 299 its own way, and tesserax has the matching `inception.preprocess` mode:
+pytorch-fid x / 255, F.interpolate bilinear (half-pixel centres), 2x - 1 ("pytorch_fid");
+torch-fidelity TF1 ResizeBilinear (src = dst * in / out), (x - 128) / 128 ("adm").
+- FID: two sets of --fid_num images written as PNG folders, each tool end to end on them
+  (tesserax: reference.compute + eval.metrics.generation_metrics; pytorch-fid:
+  calculate_fid_given_paths; torch-fidelity: calculate_metrics(fid=True)), to 1e-3;
+- features: pool_3 of one --fid_batch batch to 1e-4, then timed (uint8 in, pool_3 out).
 """
 import argparse
+import functools
+import importlib.util
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
+import types
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -44,22 +61,24 @@ import numpy as np
 from flax import nnx
 
 import tesserax.tasks  # noqa: F401  (registers the diffusion task)
+from tesserax.backbones import inception, weights
 from tesserax.convert import dit_checkpoints, vae_checkpoints
 from tesserax.core import config as config_lib, sharding
+from tesserax.eval import metrics, reference
 from tesserax.generators import dit
 from tesserax.sampling import multistep
 from tesserax.tokenizers import kl_autoencoder
 from tesserax.training import task as task_lib
 
-INSTALL = "pip install 'tesserax[bench]'  (torch, diffusers)"
+INSTALL = "pip install 'tesserax[bench]'  (torch, diffusers, pytorch-fid, torch-fidelity)"
+PEERS = {"dit": ("torch", "diffusers"), "vae": ("torch", "diffusers", "safetensors"),
+         "fid": ("torch", "torchvision", "pytorch_fid", "torch_fidelity")}
 
 
-def require_peers():
-  try:
-    import diffusers  # noqa: F401
-    import torch  # noqa: F401
-  except ImportError as e:
-    raise SystemExit(f"peers missing ({e.name}); install them with: {INSTALL}")
+def require_peers(sections):
+  for name in sorted({m for s in sections for m in PEERS[s]}):
+    if importlib.util.find_spec(name) is None:
+      raise SystemExit(f"peers missing ({name}); install them with: {INSTALL}")
 
 
 def interleaved(sides: dict, rounds: int) -> dict:
@@ -329,7 +348,6 @@ def bench_vae(args):
     path = os.path.join(tmp, "vae.safetensors")
     save_file({k: v.contiguous() for k, v in peer.state_dict().items()}, path)
     params = vae_checkpoints.diffusers_params(path, config)
-  from tesserax.backbones import weights
   model = weights.with_params(lambda: kl_autoencoder.build(config), params, "vae")
   graphdef, state = nnx.split(model)
   encode = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x))
@@ -362,6 +380,166 @@ def bench_vae(args):
   return rows
 
 
+# --- FID Inception -----------------------------------------------------------------------
+
+FID_PAIRS = (("pytorch-fid", "pytorch_fid"), ("torch-fidelity", "adm"))  # peer, tesserax mode
+
+
+def random_inception_state(seed=0) -> dict:
+  """A random FID Inception as the official pt_inception-2015-12-05 state_dict ({torch key:
+  float32 array}, the keys and shapes weights.inception_params reads, fc.bias included).
+  Convolutions and fc are He-normal; BatchNorm (eps 1e-3) gets running means near 0,
+  variances around 1 and affine parameters near identity, so activations keep their scale
+  through the network and every tensor changes the output."""
+  rng = np.random.default_rng(seed)
+  expected = weights._expected(weights.FACTORIES["inception"])  # pylint: disable=protected-access
+  torch_rule = weights._torch_rule  # pylint: disable=protected-access
+  state = {}
+  for flax_key, flax_shape in expected.items():
+    key, (_, _, perm) = torch_rule(flax_key, flax_shape)
+    shape = flax_shape if perm is None else tuple(int(flax_shape[i]) for i in np.argsort(perm))
+    leaf = key.rsplit(".", 1)[1]
+    if len(shape) > 1:  # conv OIHW, fc [out, in]
+      x = rng.standard_normal(shape) * np.sqrt(2 / np.prod(shape[1:]))
+    else:
+      x = {"weight": lambda: rng.uniform(0.8, 1.2, shape),
+           "bias": lambda: rng.normal(0, 0.1, shape),
+           "running_mean": lambda: rng.normal(0, 0.1, shape),
+           "running_var": lambda: rng.uniform(0.5, 1.5, shape)}[leaf]()
+    state[key] = x.astype(np.float32)
+  state["fc.bias"] = rng.normal(0, 0.01, inception.NUM_CLASSES).astype(np.float32)
+  return state
+
+
+def image_set(seed, num, res, cells):
+  """uint8 [num, res, res, 3]: random colours on a cells x cells grid plus pixel noise (edges
+  everywhere, so the resize matters)."""
+  rng = np.random.default_rng(seed)
+  grid, reps = rng.uniform(0, 255, (num, cells, cells, 3)), -(-res // cells)
+  images = np.repeat(np.repeat(grid, reps, axis=1), reps, axis=2)[:, :res, :res]
+  return np.clip(images + rng.normal(0, 20, images.shape), 0, 255).astype(np.uint8)
+
+
+def import_torchvision():
+  """torchvision's Python side. PyPI's torchvision wheels are CUDA builds; beside a CPU torch
+  their C++ ops library does not load, which torchvision tolerates except in
+  _meta_registrations.py (0.28: the nms/qnms fake kernels are registered without the
+  extension._has_ops() guard, so the import fails, and diffusers' with it). No peer here uses
+  those detection ops: on that failure the module is skipped and torchvision imported again."""
+  try:
+    import torchvision
+  except RuntimeError as e:
+    if "torchvision::nms" not in str(e):
+      raise
+    for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
+      del sys.modules[name]
+    name = "torchvision._meta_registrations"
+    sys.modules[name] = types.ModuleType(name)
+    import torchvision
+  return torchvision
+
+
+def bench_fid(args):
+  import torch
+  import torch_fidelity
+  from PIL import Image
+  from pytorch_fid import fid_score, inception as pf_inception
+  from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+  state = random_inception_state()
+  b, n, res = args.fid_batch, args.fid_num, args.fid_resolution
+  sets = {"a": image_set(1, n, res, 8), "b": image_set(2, n, res, 16)}
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "pt_inception-2015-12-05-random.pth")
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
+    model = weights.with_params(weights.FACTORIES["inception"], weights.inception_params(path),
+                                "inception")
+    dirs = {}
+    for name, images in sets.items():
+      dirs[name] = os.path.join(tmp, name)
+      os.makedirs(dirs[name])
+      for i, image in enumerate(images):
+        Image.fromarray(image).save(os.path.join(dirs[name], f"{i:05d}.png"))
+    loader = mock.patch.object(pf_inception, "load_state_dict_from_url",
+                               lambda *a, **k: torch.load(path, weights_only=True))
+
+    # FID end to end: each tool reads the two folders.
+    fids = {}
+    for mode in inception.MODES:
+      ref = reference.compute(reference.read_images(dirs["b"]), inception=model, mode=mode,
+                              keep_images=0, batch_size=b)
+      fids[f"tesserax_{mode}"] = metrics.generation_metrics(
+          reference.read_images(dirs["a"]), ref, ("fid",), inception=model, mode=mode,
+          batch_size=b)["fid"]
+    with loader:
+      fids["pytorch-fid"] = float(fid_score.calculate_fid_given_paths(
+          [dirs["a"], dirs["b"]], b, "cpu", 2048, num_workers=0))
+    fids["torch-fidelity"] = torch_fidelity.calculate_metrics(
+        input1=dirs["a"], input2=dirs["b"], fid=True, cuda=False, batch_size=b, cache=False,
+        verbose=False, feature_extractor_weights_path=path,
+        save_cpu_ram=True)["frechet_inception_distance"]  # no DataLoader workers forked
+
+    with loader:
+      pf_model = pf_inception.InceptionV3([3]).eval()
+    tf_model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                           feature_extractor_weights_path=path)
+  fid_checks = {peer: compare(f"FID {peer}", fids[f"tesserax_{mode}"], fids[peer], 1e-3)
+                for peer, mode in FID_PAIRS}
+  rows = [{"work": f"FID, {n} vs {n} images {res}x{res}", **fids,
+           "pytorch-fid_vs_torch-fidelity": abs(fids["pytorch-fid"] / fids["torch-fidelity"] - 1),
+           "checks": list(fid_checks.values())}]
+  print(json.dumps(rows[0]), flush=True)
+
+  # pool_3 features of one batch, checked then timed.
+  batch = sets["a"][:b]
+  batch_t = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
+  sides = {}
+  for mode in inception.MODES:
+    run = metrics.batched(metrics.inception_outputs, model, batch_size=b, mode=mode)
+    sides[mode] = functools.partial(lambda run: run(batch)["pool"], run)
+
+  def pytorch_fid():
+    with torch.no_grad():
+      return pf_model(batch_t.float() / 255)[0][:, :, 0, 0].numpy()
+
+  def torch_fidelity_():
+    with torch.no_grad():
+      return tf_model(batch_t)[0].numpy()
+
+  sides["pytorch-fid"], sides["torch-fidelity"] = pytorch_fid, torch_fidelity_
+  # The 299x299 input each network sees (the peers': caught entering their first conv).
+  inputs = {mode: np.asarray(inception.preprocess(batch, mode)) for mode in inception.MODES}
+
+  def keep(name, _, args):
+    inputs[name] = args[0].numpy().transpose(0, 2, 3, 1)
+
+  hooks = [pf_model.blocks[0][0].register_forward_pre_hook(functools.partial(keep, "pytorch-fid")),
+           tf_model.Conv2d_1a_3x3.register_forward_pre_hook(
+               functools.partial(keep, "torch-fidelity"))]
+  features = {name: fn() for name, fn in sides.items()}
+  for hook in hooks:
+    hook.remove()
+  gap = lambda a, b: float(np.max(np.abs(inputs[a] - inputs[b])))  # noqa: E731
+  checks = {peer: compare(f"pool_3 features, {mode} preprocessing", features[mode],
+                          features[peer], 1e-4) for peer, mode in FID_PAIRS}
+  agree = {peer: checks[peer]["agree"] and fid_checks[peer]["agree"] for peer in checks}
+  timed = {k: sides[k] for peer, mode in FID_PAIRS if agree[peer] for k in (mode, peer)}
+  seconds = interleaved(timed, args.rounds) if timed else {}
+  cross = compare("pool_3 features, pytorch-fid vs torch-fidelity", features["pytorch-fid"],
+                  features["torch-fidelity"], 1e-4)["relative_difference"]
+  for peer, mode in FID_PAIRS:
+    check = dict(checks[peer], agree=agree[peer], fid_relative_difference=fid_checks[peer][
+        "relative_difference"], fid_tolerance=1e-3)
+    pair = {"tesserax": seconds[mode], "peer": seconds[peer]} if agree[peer] else {}
+    extra = {"peer": peer, "mode": mode, "batch": b, "resolution": res,
+             "input_max_abs_difference": gap(mode, peer),
+             "input_vs_other_peer": gap("pytorch-fid", "torch-fidelity"),
+             "features_vs_other_peer": cross}
+    if agree[peer]:
+      extra.update(tesserax_images_per_s=b / pair["tesserax"], peer_images_per_s=b / pair["peer"])
+    rows.append(row(f"Inception pool_3 features {res}->299", check, pair, **extra))
+  return rows
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -371,26 +549,38 @@ def main():
   parser.add_argument("--steps", type=int, nargs="+", default=[8, 25])
   parser.add_argument("--vae_resolution", type=int, default=128)
   parser.add_argument("--vae_batch", type=int, default=1)
+  parser.add_argument("--fid_num", type=int, default=64, help="images in each FID set")
+  parser.add_argument("--fid_batch", type=int, default=16)
+  parser.add_argument("--fid_resolution", type=int, default=256)
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-  parser.add_argument("--only", nargs="+", default=["dit", "vae"], choices=("dit", "vae"))
+  parser.add_argument("--only", nargs="+", default=list(PEERS), choices=tuple(PEERS))
   parser.add_argument("--out", default=None, help="append the rows as JSON lines here")
   args = parser.parse_args()
-  require_peers()
-  import diffusers
+  require_peers(args.only)
   import torch
   torch.set_num_threads(args.threads)
   header = {"device": jax.devices()[0].device_kind, "cpu": platform.processor() or
             platform.machine(), "cores": os.cpu_count(), "jax": jax.__version__,
-            "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "torch_threads": args.threads, "date": time.strftime("%Y-%m-%d"),
-            "load_before": os.getloadavg()}
+            "torch": torch.__version__, "torch_threads": args.threads,
+            "date": time.strftime("%Y-%m-%d"), "load_before": os.getloadavg()}
+  if importlib.util.find_spec("torchvision") is not None:  # before diffusers or the FID peers
+    header["torchvision"] = import_torchvision().__version__
+  if {"dit", "vae"} & set(args.only):
+    import diffusers
+    header["diffusers"] = diffusers.__version__
+  if "fid" in args.only:
+    import pytorch_fid
+    import torch_fidelity
+    header.update(pytorch_fid=pytorch_fid.__version__, torch_fidelity=torch_fidelity.__version__)
   print(json.dumps(header), flush=True)
   rows = []
   if "dit" in args.only:
     rows += bench_dit(args)
   if "vae" in args.only:
     rows += bench_vae(args)
+  if "fid" in args.only:
+    rows += bench_fid(args)
   footer = {"load_after": os.getloadavg()}
   print(json.dumps(footer))
   if args.out:
