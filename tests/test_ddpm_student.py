@@ -13,6 +13,8 @@ from tesserax.sampling import ddpm_sampler
 from tesserax.tasks import diffusion
 from tesserax.training import task as task_lib
 
+pytestmark = pytest.mark.xdist_group("ddpm_student")  # one build of the session fixtures
+
 
 @pytest.fixture(scope="session")
 def ddpm_teacher_workdir(tmp_path_factory, digits_data_dir):

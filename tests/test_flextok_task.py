@@ -23,6 +23,8 @@ from tesserax.data import pipeline
 from tesserax.tokenizers import flextok, tokenizer
 from tesserax.training import loop, task as task_lib
 
+pytestmark = pytest.mark.xdist_group("flextok_task")  # one build of the session fixtures
+
 
 @pytest.fixture(scope="session")
 def demo_run(digits_data_dir, tmp_path_factory):
