@@ -192,8 +192,9 @@ class DiffusionTask:
 def _for_mesh(model_config, mesh):
   """The model config to build on `mesh`: DiT-family blocks run unrolled where the mesh shards
   parameters (fsdp or tensor > 1), since the scanned blocks' stacked parameters lose their
-  sharding (generators/dit.py run_blocks)."""
-  if "scan_blocks" in model_config or (mesh.shape["fsdp"] == 1 and mesh.shape["tensor"] == 1):
+  sharding (generators/dit.py run_blocks); `model.scan_blocks` chooses elsewhere. (Every DiT
+  config carries the key, so this holds whatever it says.)"""
+  if mesh.shape["fsdp"] == 1 and mesh.shape["tensor"] == 1:
     return model_config
   model_config = model_config.copy_and_resolve_references()
   model_config.scan_blocks = False
