@@ -167,9 +167,9 @@ def run(workdir: str, teacher_workdir: str | None = None, students=DEFAULT_STUDE
     rows.update({f"{name}/{variant}": per_nfe
                  for variant, per_nfe in STUDENTS[name].variants.items()})
     for row, per_nfe in rows.items():
-      for nfe, overrides in per_nfe.items():
+      for nfe, sample_overrides in per_nfe.items():
         settings = config.sample.copy_and_resolve_references()
-        settings.update(overrides)
+        settings.update(sample_overrides)
         score_at(task, state["ema"], row, nfe, settings)
   if jax.process_index() == 0:
     with files.atomic_output(os.path.join(workdir, "fewstep.json")) as tmp, open(tmp, "w") as f:

@@ -10,6 +10,12 @@ from tesserax.core import config as config_lib
 from tesserax.data import pipeline
 
 
+def pytest_collection_modifyitems(items):
+  """Longest first: tests marked `long` go to the workers before the rest, so that the two
+  workers finish together rather than one running a long test alone at the end."""
+  items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 @pytest.fixture(scope="session")
 def digits_data_dir(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("tfds"))

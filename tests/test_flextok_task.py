@@ -23,7 +23,8 @@ from tesserax.data import pipeline
 from tesserax.tokenizers import flextok, tokenizer
 from tesserax.training import loop, task as task_lib
 
-pytestmark = pytest.mark.xdist_group("flextok_task")  # one build of the session fixtures
+# One build of the session fixtures (the tiny FlexTok demo run among them).
+pytestmark = [pytest.mark.xdist_group("flextok_task"), pytest.mark.long]
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from tesserax.eval import evaluators
 from tesserax.training import loop
 
 # One worker builds the module fixtures (compiled once) under `--dist loadgroup`.
-pytestmark = pytest.mark.xdist_group("tokenizer_training")
+pytestmark = [pytest.mark.xdist_group("tokenizer_training"), pytest.mark.long]
 
 
 @pytest.fixture(scope="session")

@@ -5,11 +5,13 @@ import json
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tesserax.demos import tokens
 
 
+@pytest.mark.long
 def test_tokens_demo_trains_caches_generates_and_scores(digits_data_dir, tmp_path, monkeypatch):
   from tesserax.core import config as config_lib
   load = config_lib.load

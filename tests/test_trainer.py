@@ -70,6 +70,7 @@ def test_resume_equals_uninterrupted_run(tiny_config, tmp_path):
     assert f1.read() == f2.read()
 
 
+@pytest.mark.long
 def test_one_step_on_8_devices_matches_1_device(digits_data_dir):
   out = subprocess.run([sys.executable, os.path.join(HERE, "_sharded_step_worker.py"),
                         digits_data_dir], capture_output=True, text=True, env=ENV, timeout=300)
@@ -94,6 +95,7 @@ def _train_cmd(workdir, data_dir, *extra):
           "--workdir", workdir, f"--config.data.data_dir={data_dir}", *extra]
 
 
+@pytest.mark.long
 def test_two_processes_match_one_process(digits_data_dir, tmp_path):
   env4 = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4")
   single = subprocess.run(_train_cmd(str(tmp_path / "one"), digits_data_dir), env=env4,
@@ -113,6 +115,7 @@ def test_two_processes_match_one_process(digits_data_dir, tmp_path):
                       atol=1e-6)
 
 
+@pytest.mark.long
 def test_sigkill_while_saving_keeps_the_previous_checkpoint(digits_data_dir, tmp_path):
   workdir = tmp_path / "run"
   ckpt_dir = workdir / "checkpoints"
