@@ -360,8 +360,7 @@ def convert(tensors: Tensors, rules: dict, dropped: dict = None, optional: dict 
       raise TesseraxError(f"{name}: missing key {key!r}")
   for key, shape in tensors.shapes.items():
     if key in rules:
-      _, flax_shape, perm = rules[key]
-      want = flax_shape if perm is None else [flax_shape[perm.index(i)] for i in range(len(perm))]
+      want = source_shape(*rules[key][1:])
     else:
       want = dropped.get(key, optional.get(key))
     if shape != tuple(want):
@@ -371,6 +370,13 @@ def convert(tensors: Tensors, rules: dict, dropped: dict = None, optional: dict 
     x = tensors.read(key)
     params[flax_key] = np.ascontiguousarray(x if perm is None else x.transpose(perm))
   return params
+
+
+def source_shape(flax_shape, perm) -> tuple:
+  """The shape of the file's array whose transpose(perm) is a Flax array of `flax_shape`."""
+  if perm is None:
+    return tuple(flax_shape)
+  return tuple(flax_shape[perm.index(i)] for i in range(len(perm)))
 
 
 def _torch_rule(flax_key, shape):
@@ -390,11 +396,16 @@ def _expected(factory):
   return _flat_shapes(nnx.state(nnx.eval_shape(factory)))
 
 
+def inception_rules() -> dict:
+  """{torch key: (flax key, flax shape, perm)} of pt_inception-2015-12-05 (besides `fc.bias`)."""
+  return dict(_torch_rule(k, s) for k, s in _expected(FACTORIES["inception"]).items())
+
+
 def inception_params(path) -> dict:
   """pt_inception-2015-12-05-6726825d.pth -> InceptionV3 params. `fc.bias` is dropped (the
   ADM Inception Score uses pool3 @ W without it, ADM evaluator.py); BatchNorm
   `num_batches_tracked` counters are dropped if present (torch BatchNorm buffers)."""
-  rules = dict(_torch_rule(k, s) for k, s in _expected(FACTORIES["inception"]).items())
+  rules = inception_rules()
   optional = {k.replace(".running_mean", ".num_batches_tracked"): ()
               for k in rules if k.endswith(".running_mean")}
   return convert(read_tensors(path), rules, dropped={"fc.bias": (1008,)}, optional=optional)

@@ -392,12 +392,9 @@ def random_inception_state(seed=0) -> dict:
   variances around 1 and affine parameters near identity, so activations keep their scale
   through the network and every tensor changes the output."""
   rng = np.random.default_rng(seed)
-  expected = weights._expected(weights.FACTORIES["inception"])  # pylint: disable=protected-access
-  torch_rule = weights._torch_rule  # pylint: disable=protected-access
   state = {}
-  for flax_key, flax_shape in expected.items():
-    key, (_, _, perm) = torch_rule(flax_key, flax_shape)
-    shape = flax_shape if perm is None else tuple(int(flax_shape[i]) for i in np.argsort(perm))
+  for key, (_, flax_shape, perm) in weights.inception_rules().items():
+    shape = weights.source_shape(flax_shape, perm)
     leaf = key.rsplit(".", 1)[1]
     if len(shape) > 1:  # conv OIHW, fc [out, in]
       x = rng.standard_normal(shape) * np.sqrt(2 / np.prod(shape[1:]))

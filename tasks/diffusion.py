@@ -107,10 +107,8 @@ class DiffusionTask:
     """The network at `params` (the `apply` objectives and samplers see); `guidance` the
     network's guidance conditions where it has them (iMF, `model.guidance_conditions`)."""
     model = nnx.merge(self.graphdef, params, self.buffers)
-    if guidance is None:
-      network = lambda x, t: model(x, t, labels, train, s=s)
-    else:
-      network = lambda x, t: model(x, t, labels, train, s=s, guidance=guidance)
+    conditions = {} if guidance is None else {"guidance": guidance}
+    network = lambda x, t: model(x, t, labels, train, s=s, **conditions)
     if not self.epsilon_network:
       return network(x, t)
     return ddpm.epsilon_as_velocity(network, x, t)
@@ -222,7 +220,7 @@ def _load_teacher(config):
     raise TesseraxError(f"teacher {workdir} has {teacher_task.config.model.num_classes} classes; "
                         f"this model has {config.model.num_classes}")
   pairs_workdir = config.teacher.get("pairs_workdir")
-  _check_pairs(config, (pairs_workdir, _newest_step(pairs_workdir)) if pairs_workdir
+  _check_pairs(config, (pairs_workdir, task_lib.newest_step(pairs_workdir)) if pairs_workdir
                else (workdir, teacher_state["step"]))
   teacher_sh = teacher_task.state_shardings["ema"]
   return (predictions["velocity"], teacher_state["ema"]), teacher_sh
@@ -292,20 +290,6 @@ def _check_pairs(config, teacher=None):
     maker = pair_maker(*teacher, o.online_solver, o.online_steps, o.online_cfg_scale)
   shape = (config.data.resolution, config.data.resolution, config.model.in_channels)
   pairs.check(config.data.data_dir, maker, shape)
-
-
-def _newest_step(workdir) -> int:
-  """The newest committed checkpoint step of a training workdir, refused in one line when it
-  has none."""
-  from tesserax.core import checkpoint
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise TesseraxError(f"not a training workdir (no config.json): {workdir}")
-  steps = checkpoint.all_steps(os.path.join(workdir, "checkpoints"),
-                               config_lib.from_json(path).checkpoint)
-  if not steps:
-    raise TesseraxError(f"workdir has no checkpoint yet: {workdir}")
-  return max(steps)
 
 
 def pair_maker(workdir, step, solver, num_steps, cfg_scale) -> dict:

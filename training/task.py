@@ -48,20 +48,38 @@ def build(config, mesh) -> Task:
   return registry.TASKS.get(config.task)(config, mesh)
 
 
+def workdir_config(workdir: str):
+  """The config a training workdir was written with, refused in one line without one."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise TesseraxError(f"not a training workdir (no config.json): {workdir}")
+  return config_lib.from_json(path)
+
+
+def _no_checkpoint(directory):
+  return TesseraxError(f"workdir has no checkpoint yet: {directory}")
+
+
+def newest_step(workdir: str) -> int:
+  """The newest committed checkpoint step of a training workdir (without reading it)."""
+  directory = os.path.join(workdir, "checkpoints")
+  steps = checkpoint.all_steps(directory, workdir_config(workdir).checkpoint)
+  if not steps:
+    raise _no_checkpoint(directory)
+  return max(steps)
+
+
 def load_workdir(workdir: str, log=print):
   """(task, state) of the newest intact checkpoint of a training workdir, on all devices.
 
   Only the state is read (not the data iterator's position). A newer corrupt checkpoint is
   skipped with one line through `log` (process 0); with none intact, one TesseraxError."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise TesseraxError(f"not a training workdir (no config.json): {workdir}")
-  config = config_lib.from_json(path)
+  config = workdir_config(workdir)
   task = build(config, sharding.make_mesh(config.mesh))
   directory = os.path.join(workdir, "checkpoints")
   found = checkpoint.restore_newest(directory, task.abstract_state, config.checkpoint, data=False)
   if found is None:
-    raise TesseraxError(f"workdir has no checkpoint yet: {directory}")
+    raise _no_checkpoint(directory)
   step, state, _, corrupt = found
   if corrupt and jax.process_index() == 0:
     log(checkpoint.describe_fallback(corrupt, step, "using checkpoint"))
