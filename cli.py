@@ -28,6 +28,7 @@ import json
 import os
 import sys
 
+from tesserax.core import host
 from tesserax.core.errors import TesseraxError
 
 IMAGE_DATASETS = ("digits", "image_folder", "imagenet2012")
@@ -717,7 +718,9 @@ def _machine_error(exc) -> str | None:
 def main(argv=None):
   """Run a command; bad input ends in one `error:` line and exit status 2, a full disk, a
   missing accelerator or an out-of-memory in one line and exit status 1."""
-  argv = sys.argv[1:] if argv is None else argv
+  if argv is None:  # run as a program: under glibc's huge-page malloc (core/host.py)
+    host.reexec_with_huge_pages(["-m", "tesserax.cli", *sys.argv[1:]])
+    argv = sys.argv[1:]
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.ERROR)

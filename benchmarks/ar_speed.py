@@ -38,6 +38,7 @@ are per CPU-second.
 import argparse
 import datetime
 import platform
+import sys
 
 import flax
 import jax
@@ -48,7 +49,7 @@ from flax import nnx
 
 import tesserax.tasks  # noqa: F401  (registers the token generator task and its sampler)
 from tesserax.benchmarks.throughput import matmul_tflops, published_peak, timed
-from tesserax.core import config as config_lib, sharding
+from tesserax.core import config as config_lib, host, sharding
 from tesserax.generators import autoregressive
 from tesserax.tokenizers import flextok, fsq
 from tesserax.training import task as task_lib
@@ -260,4 +261,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host.reexec_with_huge_pages(["-m", __spec__.name, *sys.argv[1:]])
   main()

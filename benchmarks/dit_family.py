@@ -24,13 +24,14 @@ latent batch already on the devices, so the figures are the compiled step alone.
 import argparse
 import json
 import platform
+import sys
 
 import jax
 import numpy as np
 
 import tesserax.tasks  # noqa: F401  (registers the diffusion task)
 from tesserax.benchmarks.throughput import matmul_tflops, published_peak, timed
-from tesserax.core import config as config_lib, sharding
+from tesserax.core import config as config_lib, host, sharding
 from tesserax.generators import dit
 from tesserax.sampling.ddpm_sampler import make_ddpm_sampler
 from tesserax.sampling.sample import make_sampler
@@ -164,4 +165,5 @@ def main():
 
 
 if __name__ == "__main__":
+  host.reexec_with_huge_pages(["-m", __spec__.name, *sys.argv[1:]])
   main()

@@ -23,6 +23,7 @@ other processes sharing the cores do not inflate, so per-second figures there ar
 import argparse
 import datetime
 import platform
+import sys
 import tempfile
 
 import flax
@@ -34,7 +35,7 @@ import optax
 from flax import nnx
 
 from tesserax.benchmarks.throughput import clock, matmul_tflops, published_peak, timed
-from tesserax.core import registry
+from tesserax.core import host, registry
 from tesserax.data import pairs
 from tesserax.generators import dit
 from tesserax.objectives import cd, ctm, scm
@@ -279,4 +280,5 @@ def main():
 
 
 if __name__ == "__main__":
+  host.reexec_with_huge_pages(["-m", __spec__.name, *sys.argv[1:]])
   main()

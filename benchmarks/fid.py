@@ -12,6 +12,7 @@ uint8 images, which is extrapolated to 50,000 samples when --num is smaller. TFL
 a 2048^3 float32 matmul at HIGHEST precision on the same device.
 """
 import argparse
+import sys
 import time
 
 import jax
@@ -20,6 +21,7 @@ from flax import nnx
 
 from tesserax.backbones import inception, weights
 from tesserax.benchmarks.throughput import matmul_tflops, report, timed
+from tesserax.core import host
 from tesserax.eval import metrics
 from tesserax.eval.frechet import frechet_distance
 from tesserax.core.errors import TesseraxError
@@ -78,4 +80,5 @@ def main():
 
 
 if __name__ == "__main__":
+  host.reexec_with_huge_pages(["-m", __spec__.name, *sys.argv[1:]])
   main()

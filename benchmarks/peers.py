@@ -63,7 +63,7 @@ from flax import nnx
 import tesserax.tasks  # noqa: F401  (registers the diffusion task)
 from tesserax.backbones import inception, weights
 from tesserax.convert import dit_checkpoints, vae_checkpoints
-from tesserax.core import config as config_lib, sharding
+from tesserax.core import config as config_lib, host, sharding
 from tesserax.eval import metrics, reference
 from tesserax.generators import dit
 from tesserax.sampling import multistep
@@ -586,4 +586,5 @@ def main():
 
 
 if __name__ == "__main__":
+  host.reexec_with_huge_pages(["-m", __spec__.name, *sys.argv[1:]])
   main()

@@ -13,11 +13,13 @@ diffusers' schedulers.
 """
 import argparse
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tesserax.core import host
 from tesserax.sampling import multistep, solvers, timesteps
 
 ANGLES = 2 * np.pi * np.arange(8) / 8
@@ -97,4 +99,5 @@ def main():
 
 
 if __name__ == "__main__":
+  host.reexec_with_huge_pages(["-m", __spec__.name, *sys.argv[1:]])
   main()

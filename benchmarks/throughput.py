@@ -15,13 +15,14 @@ large matmul in the same dtype on the same devices, a practical peak.
 import argparse
 import json
 import platform
+import sys
 import time
 
 import jax
 import numpy as np
 
 import tesserax.tasks  # noqa: F401  (registers the diffusion task)
-from tesserax.core import config as config_lib, sharding
+from tesserax.core import config as config_lib, host, sharding
 from tesserax.generators import dit
 from tesserax.training import task as task_lib
 
@@ -147,4 +148,5 @@ def main():
 
 
 if __name__ == "__main__":
+  host.reexec_with_huge_pages(["-m", __spec__.name, *sys.argv[1:]])
   main()

@@ -21,6 +21,7 @@ pixel decoder's convolutions not counted). A MaskGIT pass on T = N + 1 tokens is
 import argparse
 import json
 import platform
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,7 @@ from flax import nnx
 
 import tesserax.tasks  # noqa: F401  (registers the tasks)
 from tesserax.benchmarks.throughput import timed
-from tesserax.core import config as config_lib, sharding
+from tesserax.core import config as config_lib, host, sharding
 from tesserax.generators import maskgit
 from tesserax.tokenizers import titok
 from tesserax.training import task as task_lib
@@ -150,4 +151,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host.reexec_with_huge_pages(["-m", __spec__.name, *sys.argv[1:]])
   main()

@@ -5,6 +5,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest
 
+from tesserax.core import host
+
+# The xdist workers and every subprocess start under glibc's huge-page malloc, as the `tesserax`
+# command does (core/host.py).
+os.environ.update(host.huge_page_env(os.environ) or {})
+
 import tesserax.tasks  # noqa: F401  (registers every built-in task, network, sampler, ...)
 from tesserax.core import config as config_lib
 from tesserax.data import pipeline

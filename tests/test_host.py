@@ -1,0 +1,49 @@
+"""core/host.py: the `tesserax` command and the benchmarks run under glibc's huge-page malloc."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tesserax import cli
+from tesserax.core import host
+
+needs_glibc = pytest.mark.skipif(host.huge_page_env({}) is None,
+                                 reason="glibc >= 2.35 on Linux only")
+
+
+@needs_glibc
+def test_the_tunable_is_added_once_and_a_chosen_one_is_kept():
+  assert host.huge_page_env({"PATH": "/bin"}) == {"PATH": "/bin", "GLIBC_TUNABLES": host.HUGE_PAGES}
+  assert host.huge_page_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == {
+      "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:" + host.HUGE_PAGES}
+  for chosen in (host.HUGE_PAGES, "glibc.malloc.hugetlb=0", "a=1:glibc.malloc.hugetlb=0"):
+    assert host.huge_page_env({"GLIBC_TUNABLES": chosen}) is None
+
+
+def test_no_tunable_off_glibc(monkeypatch):
+  monkeypatch.setattr(sys, "platform", "darwin")
+  assert host.huge_page_env({}) is None
+
+
+@needs_glibc
+def test_a_program_starts_again_under_the_tunable():
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  show = "import os; print(os.environ['GLIBC_TUNABLES'], os.getpid())"
+  out = subprocess.run(
+      [sys.executable, "-c", "import os, sys; from tesserax.core import host; "
+       f"print(os.getpid(), flush=True); host.reexec_with_huge_pages(['-c', {show!r}])"],
+      env=env, capture_output=True, text=True, check=True).stdout.split()
+  assert out[1] == host.HUGE_PAGES and out[0] == out[2]  # the same process, started again
+
+
+def test_the_command_starts_again_but_not_when_called(monkeypatch):
+  calls = []
+  monkeypatch.setattr(host, "reexec_with_huge_pages", calls.append)
+  monkeypatch.setattr(sys, "argv", ["tesserax", "--help"])
+  with pytest.raises(SystemExit):
+    cli.main()
+  assert calls == [["-m", "tesserax.cli", "--help"]]
+  with pytest.raises(SystemExit):
+    cli.main(["--help"])
+  assert len(calls) == 1
