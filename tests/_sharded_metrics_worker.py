@@ -3,7 +3,8 @@
 Run by tests/test_metrics.py as `python _sharded_metrics_worker.py CACHE_DIR OUT.npz` with
 XLA_FLAGS=--xla_force_host_platform_device_count=8. Loads the test's random-weight Inception
 from CACHE_DIR, runs `worker_images()` through eval.metrics.accumulate with batches of 8
-(1 per device) and writes the pool and spatial means and covariances to OUT.npz.
+(1 per device) and, for comparison, one image at a time without a mesh, and writes both runs'
+pool and spatial means and covariances to OUT.npz.
 """
 import os
 import sys
@@ -26,10 +27,13 @@ def main(cache_dir, out):
 
   assert jax.device_count() == 8
   mesh = Mesh(np.array(jax.devices()), ("data",))
-  acc = metrics.accumulate(worker_images(), inception=weights.load("inception", cache_dir),
-                           batch_size=8, mesh=mesh)
-  np.savez(out, pool_mean=acc["pool"].mean, pool_cov=acc["pool"].cov,
-           spatial_mean=acc["spatial"].mean, spatial_cov=acc["spatial"].cov)
+  model = weights.load("inception", cache_dir)
+  stats = {}
+  for prefix, kwargs in (("", dict(batch_size=8, mesh=mesh)), ("one_device_", dict(batch_size=1))):
+    acc = metrics.accumulate(worker_images(), inception=model, **kwargs)
+    for key in ("pool", "spatial"):
+      stats.update({f"{prefix}{key}_mean": acc[key].mean, f"{prefix}{key}_cov": acc[key].cov})
+  np.savez(out, **stats)
 
 
 if __name__ == "__main__":
