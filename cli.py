@@ -719,7 +719,7 @@ def main(argv=None):
   """Run a command; bad input ends in one `error:` line and exit status 2, a full disk, a
   missing accelerator or an out-of-memory in one line and exit status 1."""
   if argv is None:  # run as a program: under glibc's huge-page malloc (core/host.py)
-    host.reexec_with_huge_pages(["-m", "tesserax.cli", *sys.argv[1:]])
+    host.reexec_with_huge_pages("tesserax.cli")
     argv = sys.argv[1:]
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from absl import logging as absl_logging

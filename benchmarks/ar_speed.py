@@ -38,7 +38,6 @@ are per CPU-second.
 import argparse
 import datetime
 import platform
-import sys
 
 import flax
 import jax
@@ -261,5 +260,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  host.reexec_with_huge_pages(["-m", __spec__.name, *sys.argv[1:]])
+  host.reexec_with_huge_pages(__spec__.name)
   main()

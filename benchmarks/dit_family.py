@@ -24,7 +24,6 @@ latent batch already on the devices, so the figures are the compiled step alone.
 import argparse
 import json
 import platform
-import sys
 
 import jax
 import numpy as np
@@ -165,5 +164,5 @@ def main():
 
 
 if __name__ == "__main__":
-  host.reexec_with_huge_pages(["-m", __spec__.name, *sys.argv[1:]])
+  host.reexec_with_huge_pages(__spec__.name)
   main()

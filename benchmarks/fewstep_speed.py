@@ -23,7 +23,6 @@ other processes sharing the cores do not inflate, so per-second figures there ar
 import argparse
 import datetime
 import platform
-import sys
 import tempfile
 
 import flax
@@ -280,5 +279,5 @@ def main():
 
 
 if __name__ == "__main__":
-  host.reexec_with_huge_pages(["-m", __spec__.name, *sys.argv[1:]])
+  host.reexec_with_huge_pages(__spec__.name)
   main()

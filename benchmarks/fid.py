@@ -12,7 +12,6 @@ uint8 images, which is extrapolated to 50,000 samples when --num is smaller. TFL
 a 2048^3 float32 matmul at HIGHEST precision on the same device.
 """
 import argparse
-import sys
 import time
 
 import jax
@@ -80,5 +79,5 @@ def main():
 
 
 if __name__ == "__main__":
-  host.reexec_with_huge_pages(["-m", __spec__.name, *sys.argv[1:]])
+  host.reexec_with_huge_pages(__spec__.name)
   main()

@@ -586,5 +586,5 @@ def main():
 
 
 if __name__ == "__main__":
-  host.reexec_with_huge_pages(["-m", __spec__.name, *sys.argv[1:]])
+  host.reexec_with_huge_pages(__spec__.name)
   main()

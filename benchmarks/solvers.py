@@ -13,7 +13,6 @@ diffusers' schedulers.
 """
 import argparse
 import json
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -99,5 +98,5 @@ def main():
 
 
 if __name__ == "__main__":
-  host.reexec_with_huge_pages(["-m", __spec__.name, *sys.argv[1:]])
+  host.reexec_with_huge_pages(__spec__.name)
   main()

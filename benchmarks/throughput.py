@@ -15,7 +15,6 @@ large matmul in the same dtype on the same devices, a practical peak.
 import argparse
 import json
 import platform
-import sys
 import time
 
 import jax
@@ -148,5 +147,5 @@ def main():
 
 
 if __name__ == "__main__":
-  host.reexec_with_huge_pages(["-m", __spec__.name, *sys.argv[1:]])
+  host.reexec_with_huge_pages(__spec__.name)
   main()

@@ -21,7 +21,6 @@ pixel decoder's convolutions not counted). A MaskGIT pass on T = N + 1 tokens is
 import argparse
 import json
 import platform
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -151,5 +150,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  host.reexec_with_huge_pages(["-m", __spec__.name, *sys.argv[1:]])
+  host.reexec_with_huge_pages(__spec__.name)
   main()

@@ -35,10 +35,11 @@ def huge_page_env(environ) -> dict | None:
   return dict(environ, GLIBC_TUNABLES=":".join(filter(None, (tunables, HUGE_PAGES))))
 
 
-def reexec_with_huge_pages(python_args) -> None:
-  """Replace this process by `python python_args...` under HUGE_PAGES, unless it runs under
-  them already (then return). Call first thing in a program's entry point, before threads."""
+def reexec_with_huge_pages(module: str) -> None:
+  """Replace this process by `python -m module` with the same arguments under HUGE_PAGES,
+  unless it runs under them already (then return). Call first thing in a program's entry
+  point."""
   env = huge_page_env(os.environ)
   if env is not None:
     sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, *python_args], env)
+    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
