@@ -27,6 +27,8 @@ import os
 import re
 import sys
 
+from tesserax.core import host
+
 # name: (recipe, model size override or None)
 MODELS = {
     "dit_xl2": ("dit_xl2", None),
@@ -175,8 +177,8 @@ def main(argv=None):
                       help="global batch (default: each recipe's published one)")
   args = parser.parse_args(argv)
   counts = [int(n) for n in args.devices.split(",")]
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + f" --xla_force_host_platform_device_count={max(counts)}")
+  os.environ.update(host.xla_flags_env(
+      os.environ, f"--xla_force_host_platform_device_count={max(counts)}"))
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import tesserax.tasks  # noqa: F401  (registers the diffusion task)
   print(HEADER, flush=True)

@@ -35,6 +35,14 @@ def huge_page_env(environ) -> dict | None:
   return dict(environ, GLIBC_TUNABLES=":".join(filter(None, (tunables, HUGE_PAGES))))
 
 
+def xla_flags_env(environ, *flags: str) -> dict:
+  """`environ` with `flags` appended to its XLA_FLAGS (read when a process starts its first
+  backend; e.g. "--xla_force_host_platform_device_count=8" for 8 fake CPU devices); those
+  already there are not repeated."""
+  present = environ.get("XLA_FLAGS", "").split()
+  return dict(environ, XLA_FLAGS=" ".join(present + [f for f in flags if f not in present]))
+
+
 def reexec_with_huge_pages(module: str) -> None:
   """Replace this process by `python -m module` with the same arguments under HUGE_PAGES,
   unless it runs under them already (then return). Call first thing in a program's entry

@@ -9,7 +9,9 @@ combined count, mean and covariance to OUT.npz.
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+from tesserax.core import host  # XLA_FLAGS is read later, by the first backend
+
+os.environ.update(host.xla_flags_env(os.environ, "--xla_force_host_platform_device_count=2"))
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

@@ -7,7 +7,9 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+from tesserax.core import host  # XLA_FLAGS is read later, by the first backend
+
+os.environ.update(host.xla_flags_env(os.environ, "--xla_force_host_platform_device_count=8"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax

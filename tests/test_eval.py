@@ -13,6 +13,7 @@ from PIL import Image
 
 from tesserax.backbones.digits_net import digits_images, load_digits_net
 from tesserax.data.preprocess import to_uint8
+from tesserax.core import host
 from tesserax.core.errors import TesseraxError
 from tesserax.eval.digits_metrics import digits_metrics, digits_reference_stats
 from tesserax.eval.frechet import frechet_distance
@@ -23,8 +24,8 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_script(args, num_devices, timeout=120):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
-             JAX_PLATFORMS="cpu")
+  devices = f"--xla_force_host_platform_device_count={num_devices}"
+  env = dict(host.xla_flags_env(os.environ, devices), JAX_PLATFORMS="cpu")
   return subprocess.Popen([sys.executable] + args, env=env, cwd=TESTS_DIR, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 

@@ -21,7 +21,7 @@ import pytest
 from scipy import stats
 
 from tesserax.backbones import vgg_lpips
-from tesserax.core import config as config_lib
+from tesserax.core import config as config_lib, host
 from tesserax.core.errors import TesseraxError
 from tesserax.data import pairs
 from tesserax.objectives import reflow, shortcut
@@ -156,8 +156,8 @@ def device_caches(tmp_path_factory):
   """Pair caches written on 1 and on 8 (fake CPU) devices, in a subprocess."""
   root = tmp_path_factory.mktemp("pairs")
   one_dir, eight_dir = str(root / "one"), str(root / "eight")
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(host.xla_flags_env(os.environ, "--xla_force_host_platform_device_count=8"),
+             TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
   code = _WORKER.format(here=HERE, one_dir=one_dir, eight_dir=eight_dir)
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        timeout=300)

@@ -21,6 +21,13 @@ def test_the_tunable_is_added_once_and_a_chosen_one_is_kept():
     assert host.huge_page_env({"GLIBC_TUNABLES": chosen}) is None
 
 
+def test_xla_flags_are_appended_once():
+  fake = "--xla_force_host_platform_device_count=8"
+  assert host.xla_flags_env({}, fake) == {"XLA_FLAGS": fake}
+  env = host.xla_flags_env({"XLA_FLAGS": "--a=1", "PATH": "/bin"}, fake, "--a=1")
+  assert env == {"XLA_FLAGS": f"--a=1 {fake}", "PATH": "/bin"}
+
+
 def test_no_tunable_off_glibc(monkeypatch):
   monkeypatch.setattr(sys, "platform", "darwin")
   assert host.huge_page_env({}) is None

@@ -19,6 +19,7 @@ from _sharded_metrics_worker import worker_images
 from test_inception import random_state_dict
 from tesserax.backbones import dinov2, inception, weights
 from tesserax.data.preprocess import to_uint8
+from tesserax.core import host
 from tesserax.core.errors import TesseraxError
 from tesserax.eval import metrics, reference
 from tesserax.eval.frechet import frechet_distance
@@ -315,7 +316,7 @@ def test_statistics_agree_on_1_and_8_devices(model, cache_dir, tmp_path):
   (metrics.INCEPTION_CPU_OPTIONS) sum in an order that depends on the process's device count,
   the same unsharded program included."""
   out = tmp_path / "sharded.npz"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(host.xla_flags_env(os.environ, "--xla_force_host_platform_device_count=8"),
              JAX_PLATFORMS="cpu")
   worker = subprocess.Popen(
       [sys.executable, "_sharded_metrics_worker.py", str(cache_dir), str(out)], env=env,

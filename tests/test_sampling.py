@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tesserax.core import host
 from tesserax.core.errors import TesseraxError
 from tesserax.sampling import guidance, sample, solvers, timesteps
 
@@ -308,7 +309,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_sampler_on_8_devices_matches_1_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(host.xla_flags_env(os.environ, "--xla_force_host_platform_device_count=8"),
              JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env,
                           cwd=os.path.dirname(os.path.abspath(__file__)),

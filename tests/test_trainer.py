@@ -14,7 +14,7 @@ import pytest
 
 from tesserax import cli
 from tesserax.core.errors import TesseraxError
-from tesserax.core import checkpoint
+from tesserax.core import checkpoint, host
 from tesserax.training import loop, task as task_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -97,12 +97,12 @@ def _train_cmd(workdir, data_dir, *extra):
 
 @pytest.mark.long
 def test_two_processes_match_one_process(digits_data_dir, tmp_path):
-  env4 = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env4 = host.xla_flags_env(ENV, "--xla_force_host_platform_device_count=4")
   single = subprocess.run(_train_cmd(str(tmp_path / "one"), digits_data_dir), env=env4,
                           capture_output=True, text=True, timeout=300)
   assert single.returncode == 0, single.stderr[-3000:]
   port = _free_port()
-  env2 = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env2 = host.xla_flags_env(ENV, "--xla_force_host_platform_device_count=2")
   procs = [subprocess.Popen(
       _train_cmd(str(tmp_path / "two"), digits_data_dir, "--coordinator_address",
                  f"localhost:{port}", "--num_processes", "2", "--process_id", str(i)),
