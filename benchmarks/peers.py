@@ -27,7 +27,8 @@ DPMSolverMultistepScheduler, each given tesserax's weights through tesserax's co
 Before timing, each pair is checked on the same inputs (DiT forward to 1e-4 of the output's
 scale in float32, DiT gradients to 1e-4 of the gradient norm, sampling and the VAE to 1e-3);
 a pair that disagrees prints the difference and no ratio. Timing: a warm-up call each, then
-`--rounds` rounds alternating the two sides, medians. torch runs `--threads` threads
+`--rounds` rounds alternating the two sides (`--order blocks`: one side's rounds, then the
+other's), medians. torch runs `--threads` threads
 (torch.set_num_threads); XLA:CPU uses the machine's cores, so run with as many cores as
 threads (taskset -c 0,1 on a larger machine).
 
@@ -81,16 +82,23 @@ def require_peers(sections):
       raise SystemExit(f"peers missing ({name}); install them with: {INSTALL}")
 
 
-def interleaved(sides: dict, rounds: int) -> dict:
-  """{side: median seconds} of each zero-argument callable, one warm-up call each, then
-  `rounds` rounds calling the sides in turn."""
-  for fn in sides.values():
-    fn()
+def timed(sides: dict, rounds: int, order: str) -> dict:
+  """{side: median seconds} of each zero-argument callable over `rounds` calls after a warm-up
+  call. order "interleaved": rounds call the sides in turn; "blocks": each side's warm-up and
+  rounds back to back, one side after the other, so that no call directly follows the other
+  side's (a PyTorch training step leaves memory behind that makes the kernel compact pages
+  for XLA's next fresh buffers: DiT-S/2's step then spends up to 3.7 s in the kernel)."""
   times = {name: [] for name in sides}
-  for _ in range(rounds):
-    for name, fn in sides.items():
-      start = time.perf_counter()
+  if order == "interleaved":
+    for fn in sides.values():
       fn()
+    schedule = [name for _ in range(rounds) for name in sides]
+  else:
+    schedule = [name for name in sides for _ in range(rounds + 1)]
+  for i, name in enumerate(schedule):
+    start = time.perf_counter()
+    sides[name]()
+    if order == "interleaved" or schedule[i - 1] == name:  # blocks: each block's first is warm-up
       times[name].append(time.perf_counter() - start)
   return {name: float(np.median(t)) for name, t in times.items()}
 
@@ -239,7 +247,8 @@ def bench_dit(args):
       return peer(x_t, timestep=t_t, class_labels=y_t).sample
 
   check = compare("dit forward", ours(), theirs().numpy().transpose(0, 2, 3, 1), 1e-4)
-  seconds = interleaved({"tesserax": ours, "peer": theirs}, args.rounds) if check["agree"] else {}
+  seconds = (timed({"tesserax": ours, "peer": theirs}, args.rounds, args.order)
+             if check["agree"] else {})
   rows.append(row(f"DiT-{args.size}/2 forward", check, seconds, batch=b))
 
   # Sampling: DPM-Solver++(2M), the DiT as a velocity network of t = sigma.
@@ -269,8 +278,8 @@ def bench_dit(args):
 
     check = compare(f"dpm-solver++ {steps} steps", ours(),
                     theirs().numpy().transpose(0, 2, 3, 1), 1e-3)
-    seconds = interleaved({"tesserax": ours, "peer": theirs},
-                          max(1, args.rounds // 2)) if check["agree"] else {}
+    seconds = (timed({"tesserax": ours, "peer": theirs}, max(1, args.rounds // 2), args.order)
+               if check["agree"] else {})
     rows.append(row(f"DiT-{args.size}/2 DPM-Solver++(2M) {steps} steps", check, seconds,
                     batch=b, nfe=steps))
 
@@ -323,7 +332,8 @@ def bench_dit(args):
     with torch.no_grad():
       torch._foreach_lerp_(ema, list(peer.parameters()), 1 - config.ema_decay)
 
-  seconds = interleaved({"tesserax": ours, "peer": theirs}, args.rounds) if check["agree"] else {}
+  seconds = (timed({"tesserax": ours, "peer": theirs}, args.rounds, args.order)
+             if check["agree"] else {})
   rows.append(row(f"DiT-{args.size}/2 training step (fwd+bwd+AdamW+EMA)", check, seconds,
                   batch=b))
   return rows
@@ -365,7 +375,8 @@ def bench_vae(args):
 
   latents = ours()
   check = compare("vae encode", latents, theirs().numpy().transpose(0, 2, 3, 1), 1e-3)
-  seconds = interleaved({"tesserax": ours, "peer": theirs}, args.rounds) if check["agree"] else {}
+  seconds = (timed({"tesserax": ours, "peer": theirs}, args.rounds, args.order)
+             if check["agree"] else {})
   rows.append(row(f"SD-VAE encode {res}x{res}", check, seconds, batch=b))
   latents_t = torch.from_numpy(np.ascontiguousarray(np.asarray(latents).transpose(0, 3, 1, 2)))
   ours = lambda: jax.block_until_ready(decode(state, latents))  # noqa: E731
@@ -375,7 +386,8 @@ def bench_vae(args):
       return peer.decode(latents_t).sample
 
   check = compare("vae decode", ours(), theirs().numpy().transpose(0, 2, 3, 1), 1e-3)
-  seconds = interleaved({"tesserax": ours, "peer": theirs}, args.rounds) if check["agree"] else {}
+  seconds = (timed({"tesserax": ours, "peer": theirs}, args.rounds, args.order)
+             if check["agree"] else {})
   rows.append(row(f"SD-VAE decode {res}x{res}", check, seconds, batch=b))
   return rows
 
@@ -519,8 +531,8 @@ def bench_fid(args):
   checks = {peer: compare(f"pool_3 features, {mode} preprocessing", features[mode],
                           features[peer], 1e-4) for peer, mode in FID_PAIRS}
   agree = {peer: checks[peer]["agree"] and fid_checks[peer]["agree"] for peer in checks}
-  timed = {k: sides[k] for peer, mode in FID_PAIRS if agree[peer] for k in (mode, peer)}
-  seconds = interleaved(timed, args.rounds) if timed else {}
+  timed_sides = {k: sides[k] for peer, mode in FID_PAIRS if agree[peer] for k in (mode, peer)}
+  seconds = timed(timed_sides, args.rounds, args.order) if timed_sides else {}
   cross = compare("pool_3 features, pytorch-fid vs torch-fidelity", features["pytorch-fid"],
                   features["torch-fidelity"], 1e-4)["relative_difference"]
   for peer, mode in FID_PAIRS:
@@ -550,6 +562,10 @@ def main():
   parser.add_argument("--fid_batch", type=int, default=16)
   parser.add_argument("--fid_resolution", type=int, default=256)
   parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--order", default="interleaved", choices=("interleaved", "blocks"),
+                      help="interleaved: the sides take turns each round; blocks: all of one "
+                           "side's rounds, then the other's (no call right after the other "
+                           "side's)")
   parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
   parser.add_argument("--only", nargs="+", default=list(PEERS), choices=tuple(PEERS))
   parser.add_argument("--out", default=None, help="append the rows as JSON lines here")
@@ -559,7 +575,7 @@ def main():
   torch.set_num_threads(args.threads)
   header = {"device": jax.devices()[0].device_kind, "cpu": platform.processor() or
             platform.machine(), "cores": os.cpu_count(), "jax": jax.__version__,
-            "torch": torch.__version__, "torch_threads": args.threads,
+            "torch": torch.__version__, "torch_threads": args.threads, "order": args.order,
             "date": time.strftime("%Y-%m-%d"), "load_before": os.getloadavg()}
   if importlib.util.find_spec("torchvision") is not None:  # before diffusers or the FID peers
     header["torchvision"] = import_torchvision().__version__

@@ -39,6 +39,28 @@ def _einsum_attention(q, k, v, mask, scale, precision):
   return out.reshape(b, h, tq, v.shape[3]).transpose(0, 2, 1, 3)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _softmax_attention(q, k, v, scale):
+  """`jax.nn.dot_product_attention` unmasked, differentiated by hand: the backward pass keeps
+  the attention weights once, where differentiating its formula keeps them twice per scanned
+  DiT block (the DiT-S/2 gradient on 2 CPU cores about 6% shorter); forward-mode (MeanFlow's
+  and sCM's JVPs) goes through the same rule."""
+  return jax.nn.dot_product_attention(q, k, v, scale=scale)
+
+
+@_softmax_attention.defjvp
+def _softmax_attention_jvp(scale, primals, tangents):
+  (q, k, v), (dq, dk, dv) = primals, tangents
+  logits = jnp.einsum("BTNH,BSNH->BNTS", q, k,
+                      preferred_element_type=jnp.promote_types(q.dtype, jnp.float32)) * scale
+  weights = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+  dlogits = (jnp.einsum("BTNH,BSNH->BNTS", dq, k) + jnp.einsum("BTNH,BSNH->BNTS", q, dk)) * scale
+  dweights = weights * (dlogits - jnp.sum(weights * dlogits, axis=-1, keepdims=True))
+  tangent = (jnp.einsum("BNTS,BSNH->BTNH", dweights, v)
+             + jnp.einsum("BNTS,BSNH->BTNH", weights, dv))
+  return _softmax_attention(q, k, v, scale), tangent
+
+
 def dot_product_attention(q, k, v, mask=None, *, causal=False, scale=None, precision=None,
                           implementation=None):
   """softmax(q k^T * scale) v per head: q [B, Tq, H, D], k and v [B, Tk, H, D] -> [B, Tq, H, D].
@@ -49,7 +71,8 @@ def dot_product_attention(q, k, v, mask=None, *, causal=False, scale=None, preci
   implementation:
     None, "xla", "cudnn": `jax.nn.dot_product_attention` (None is JAX's default, XLA today;
       "cudnn" is cuDNN's flash attention on GPU, for bfloat16/float16 inputs); the softmax
-      runs in float32.
+      runs in float32. None without mask, causality or precision is differentiated by
+      `_softmax_attention`'s rule.
     "einsum": two einsums with the softmax between them in the inputs' dtype, LDM's AttnBlock
       computation (ldm/modules/diffusionmodules/model.py). The KL autoencoder keeps it: there
       it gives, bit for bit on CPU, the numbers of its original einsum implementation, which
@@ -63,6 +86,8 @@ def dot_product_attention(q, k, v, mask=None, *, causal=False, scale=None, preci
       mask = tril if mask is None else jnp.logical_and(mask, tril)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _einsum_attention(q, k, v, mask, scale, precision)
+  if implementation is None and mask is None and not causal and precision is None:
+    return _softmax_attention(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale)
   attend = functools.partial(jax.nn.dot_product_attention, q, k, v, mask=mask, scale=scale,
                              is_causal=causal, implementation=implementation)
   if precision is None:

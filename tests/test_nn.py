@@ -193,6 +193,27 @@ def test_layers_against_numpy():
   assert table.embedding.shape == (11, 8)  # the null class is row 10
 
 
+def test_attention_derivatives_against_finite_differences():
+  """The hand-written JVP of unmasked attention (its VJP is the transpose) in float64: equal to
+  central differences of the forward pass (whose softmax runs in float32, hence the
+  tolerance), and <vjp(c), t> = <c, jvp(t)>."""
+  rng = np.random.default_rng(8)
+  primals, tangents = ([rng.standard_normal((B, T, H, D)) for _ in range(3)] for _ in range(2))
+  with jax.enable_x64(True):
+    f = lambda q, k, v: attention.dot_product_attention(q, k, v)  # noqa: E731
+    out, jvp = jax.jvp(f, [jnp.asarray(p) for p in primals], [jnp.asarray(t) for t in tangents])
+    np.testing.assert_allclose(out, np_attention(*primals), rtol=1e-5, atol=1e-6)
+    eps = 1e-3
+    shifted = lambda sign: np.asarray(f(*(jnp.asarray(p + sign * eps * t)  # noqa: E731
+                                          for p, t in zip(primals, tangents))))
+    np.testing.assert_allclose(jvp, (shifted(1) - shifted(-1)) / (2 * eps), rtol=1e-4,
+                               atol=2e-4)
+    cotangent = rng.standard_normal(out.shape)
+    back = jax.vjp(f, *(jnp.asarray(p) for p in primals))[1](jnp.asarray(cotangent))
+    np.testing.assert_allclose(sum(np.vdot(b, t) for b, t in zip(back, tangents)),
+                               np.vdot(cotangent, jvp), rtol=1e-10)
+
+
 def test_linear_and_gelu_gradients_against_numpy():
   """The hand-written backward passes of `dense` (every Linear) and `gelu_tanh` (DiT's MLP)
   against float64 NumPy: dx = dy W^T, dW = x^T dy over all leading axes, and the derivative
