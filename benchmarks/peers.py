@@ -98,7 +98,7 @@ def timed(sides: dict, rounds: int, order: str) -> dict:
   for i, name in enumerate(schedule):
     start = time.perf_counter()
     sides[name]()
-    if order == "interleaved" or schedule[i - 1] == name:  # blocks: each block's first is warm-up
+    if order == "interleaved" or (i and schedule[i - 1] == name):  # blocks: first is warm-up
       times[name].append(time.perf_counter() - start)
   return {name: float(np.median(t)) for name, t in times.items()}
 

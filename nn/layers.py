@@ -39,10 +39,14 @@ def dense(x, kernel, precision=None):
   return y.reshape(x.shape[:-1] + kernel.shape[1:])
 
 
-def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, **unused):
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, **options):
   """`dense` in nnx.Linear's `dot_general` slot (which always contracts the last input axis
-  with the kernel's first)."""
-  del dimension_numbers, unused
+  with the kernel's first). nnx passes `out_sharding=None`; any option `linear` does not use
+  (an output sharding, a preferred element type) is refused rather than dropped."""
+  del dimension_numbers
+  unsupported = {k: v for k, v in options.items() if v is not None}
+  if unsupported:
+    raise NotImplementedError(f"dense_dot_general does not take {sorted(unsupported)}")
   return dense(lhs, rhs, precision)
 
 
