@@ -104,7 +104,7 @@ def _parser():
   demo.add_argument("--students", default=None,
                     help="with --fewstep: comma-separated student names (default: every one "
                          "of demos/fewstep.py DEFAULT_STUDENTS: ect, ict, cd, scd, meanflow, "
-                         "shortcut, 2rfpp; ctm, flowturbo and slimflow run when named)")
+                         "shortcut, 2rfpp, slimflow; ctm and flowturbo run when named)")
 
   train = sub.add_parser("train", help="train a recipe",
                          description="Train a recipe from configs/; resumes from the workdir's "
@@ -718,8 +718,8 @@ def _machine_error(exc) -> str | None:
 def main(argv=None):
   """Run a command; bad input ends in one `error:` line and exit status 2, a full disk, a
   missing accelerator or an out-of-memory in one line and exit status 1."""
-  if argv is None:  # run as a program: under glibc's huge-page malloc (core/host.py)
-    host.reexec_with_huge_pages("tesserax.cli")
+  if argv is None:  # run as a program: XLA:CPU and malloc settings (core/host.py)
+    host.prepare("tesserax.cli")
     argv = sys.argv[1:]
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from absl import logging as absl_logging

@@ -164,5 +164,5 @@ def main():
 
 
 if __name__ == "__main__":
-  host.reexec_with_huge_pages(__spec__.name)
+  host.prepare(__spec__.name)
   main()

@@ -20,7 +20,7 @@ Launch:   tesserax train --config digits_dit --workdir workdirs/digits
               --config.teacher.workdir=workdirs/digits_slimflow \
               --config.teacher.pairs_workdir=workdirs/digits \
               --config.data.name=pairs --config.data.data_dir=workdirs/digits_pairs
-          (`tesserax demo --fewstep --students slimflow` runs all of it)
+          (`tesserax demo --fewstep` runs all of it beside the other students)
 Runtime:  on the cache, stage 1 about 100 s and stage 2 about 110 s on 2 CPU cores.
 Expected: 1-NFE FID-digits 139.4 / 72.5% accuracy after stage 1, 47.6 / 88.8% after stage 2
           (the teacher: 111.4 at one Euler step, 15.7 at 32; README, "Few-step students").

@@ -7,13 +7,25 @@ tunable (glibc >= 2.35) such blocks are backed by transparent huge pages: on 2 C
 digits DiT's jitted training step went from 104 to 79 ms (6.3 million page faults in 400 steps
 to 0.3 million) and the FID Inception's batch of 16 from 1.12 to 1.05 s. Tunables are read
 when a process starts, so the `tesserax` command and the benchmarks start again under them
-(`reexec_with_huge_pages`); a GLIBC_TUNABLES that already sets glibc.malloc.hugetlb (say =0)
+(`prepare`); a GLIBC_TUNABLES that already sets glibc.malloc.hugetlb (say =0)
 is left alone.
+
+XLA:CPU compiles its own kernels with LLVM at -O2 by default; at -O1
+(`--xla_backend_optimization_level=1`) compiling takes about a third less (the digits ECT
+student's training step 11.1 -> ~7 s, all 90 programs of a one-student few-step demo 46 -> 31 s)
+and the programs computed the same figures bit for bit and ran as fast or faster in every case
+measured (BENCHMARKS.md, "Compiling at LLVM -O1"): matmuls and convolutions are library calls
+at any level. The flag is also read by GPU code generation, so it is added only where jax
+will find no backend but the CPU.
 """
+import importlib.metadata
+import importlib.util
 import os
+import pkgutil
 import sys
 
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
+CPU_COMPILE = "--xla_backend_optimization_level=1"
 
 
 def _glibc_version() -> tuple[int, ...]:
@@ -43,10 +55,33 @@ def xla_flags_env(environ, *flags: str) -> dict:
   return dict(environ, XLA_FLAGS=" ".join(present + [f for f in flags if f not in present]))
 
 
-def reexec_with_huge_pages(module: str) -> None:
-  """Replace this process by `python -m module` with the same arguments under HUGE_PAGES,
-  unless it runs under them already (then return). Call first thing in a program's entry
-  point."""
+def cpu_only(environ) -> bool:
+  """Whether jax will use the CPU alone: JAX_PLATFORMS=cpu, or unset with no accelerator plugin
+  installed (the `jax_plugins` namespace package or entry points, libtpu)."""
+  platforms = environ.get("JAX_PLATFORMS", "")
+  if platforms:
+    return set(platforms.split(",")) == {"cpu"}
+  namespace = importlib.util.find_spec("jax_plugins")
+  if namespace and any(pkgutil.iter_modules(namespace.submodule_search_locations)):
+    return False
+  return not (importlib.metadata.entry_points(group="jax_plugins")
+              or importlib.util.find_spec("libtpu"))
+
+
+def cpu_compile_env(environ) -> dict:
+  """`environ` with CPU_COMPILE added to XLA_FLAGS where jax will use the CPU alone and no
+  optimisation level is chosen already."""
+  if not cpu_only(environ) or "--xla_backend_optimization_level=" in environ.get("XLA_FLAGS", ""):
+    return dict(environ)
+  return xla_flags_env(environ, CPU_COMPILE)
+
+
+def prepare(module: str) -> None:
+  """Call first thing in a program's entry point: compile for the CPU at CPU_COMPILE where it is
+  the only backend (XLA_FLAGS is read by the first backend, later), then replace this process by
+  `python -m module` with the same arguments under HUGE_PAGES, unless it runs under them
+  already (then return)."""
+  os.environ.update(cpu_compile_env(os.environ))
   env = huge_page_env(os.environ)
   if env is not None:
     sys.stdout.flush()

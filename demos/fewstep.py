@@ -95,12 +95,10 @@ STUDENTS = {
     "2rfpp": Student("digits_reflow", {n: _jumps(n) for n in STUDENT_NFE}, pairs=4000,
                      variants={"new": {4: {"solver": "reflow_new", "num_steps": 4}}}),
 }
-# The default run: every consistency student the issue names and the flow-map and straightened
-# students that reach the digits bars. Named only (--students ctm,flowturbo,slimflow): CTM
-# (barely moves from the teacher at one step in 600 steps), FlowTurbo's refiner (2 and 4 NFE
-# only) and SlimFlow (two stages, 3.5 minutes more on 2 CPU cores; 1-NFE FID-digits 47.6, far
-# from the 1.5x bar that 2-RF++ already holds).
-DEFAULT_STUDENTS = ("ect", "ict", "cd", "scd", "meanflow", "shortcut", "2rfpp")
+# The default run: every consistency, flow-map and straightened student the issues name. Named
+# only (--students ctm,flowturbo): CTM (barely moves from the teacher at one step in 600 steps)
+# and FlowTurbo's refiner (2 and 4 NFE only).
+DEFAULT_STUDENTS = ("ect", "ict", "cd", "scd", "meanflow", "shortcut", "2rfpp", "slimflow")
 
 
 def run(workdir: str, teacher_workdir: str | None = None, students=DEFAULT_STUDENTS,

@@ -10,11 +10,10 @@ from tesserax.core import host
 # The xdist workers and every subprocess start under glibc's huge-page malloc, as the `tesserax`
 # command does (core/host.py).
 os.environ.update(host.huge_page_env(os.environ) or {})
-# LLVM at -O1 instead of -O2 for XLA:CPU's own kernels: compiling the tiny recipes, most of the
-# suite's time, takes about a third less (digits_dit:tiny's training step 5.0 -> 3.4 s), the
-# programs compute bit-identical results and run as fast (matmuls and convolutions are library
-# calls either way).
-os.environ.update(host.xla_flags_env(os.environ, "--xla_backend_optimization_level=1"))
+# LLVM at -O1 for XLA:CPU's own kernels, as the `tesserax` command compiles where the CPU is the
+# only backend (core/host.py): compiling the tiny recipes, most of the suite's time, takes about
+# a third less (digits_dit:tiny's training step 5.0 -> 3.4 s).
+os.environ.update(host.xla_flags_env(os.environ, host.CPU_COMPILE))
 
 import tesserax.tasks  # noqa: F401  (registers every built-in task, network, sampler, ...)
 from tesserax.core import config as config_lib
@@ -45,13 +44,17 @@ def tiny_config(digits_data_dir):
 @pytest.fixture(scope="session", autouse=True)
 def _compile_once(tmp_path_factory):
   """The many runs of the tiny recipes build the same programs: compile each once for the
-  whole session (both xdist workers), through jax's persistent compilation cache."""
+  whole session (both xdist workers and the subprocesses started with os.environ), through
+  jax's persistent compilation cache."""
   import jax
   cache = tmp_path_factory.getbasetemp().parent / "xla_cache"
   cache.mkdir(exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", str(cache))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  settings = {"jax_compilation_cache_dir": str(cache),
+              "jax_persistent_cache_min_compile_time_secs": 0,
+              "jax_persistent_cache_min_entry_size_bytes": -1}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+    os.environ[name.upper()] = str(value)
 
 
 @pytest.fixture(scope="session", autouse=True)

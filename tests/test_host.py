@@ -1,4 +1,5 @@
-"""core/host.py: the `tesserax` command and the benchmarks run under glibc's huge-page malloc."""
+"""core/host.py: the `tesserax` command and the benchmarks run under glibc's huge-page malloc
+and, where the CPU is jax's only backend, compile at LLVM -O1."""
 import os
 import subprocess
 import sys
@@ -28,6 +29,22 @@ def test_xla_flags_are_appended_once():
   assert env == {"XLA_FLAGS": f"--a=1 {fake}", "PATH": "/bin"}
 
 
+def test_the_cpu_compile_level_only_where_the_cpu_is_the_only_backend(monkeypatch):
+  level = {"XLA_FLAGS": host.CPU_COMPILE}
+  assert host.cpu_compile_env({"JAX_PLATFORMS": "cpu"}) == {"JAX_PLATFORMS": "cpu", **level}
+  for platforms in ("cuda", "cpu,tpu"):
+    assert host.cpu_compile_env({"JAX_PLATFORMS": platforms}) == {"JAX_PLATFORMS": platforms}
+  chosen = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=3"}
+  assert host.cpu_compile_env(chosen) == chosen
+  # JAX_PLATFORMS unset: decided by the installed plugins.
+  monkeypatch.setattr(host.importlib.util, "find_spec", lambda name: None)
+  monkeypatch.setattr(host.importlib.metadata, "entry_points", lambda group: ())
+  assert host.cpu_compile_env({}) == level
+  monkeypatch.setattr(host.importlib.metadata, "entry_points",
+                      lambda group: ("xla_cuda13",) if group == "jax_plugins" else ())
+  assert host.cpu_compile_env({}) == {}
+
+
 def test_no_tunable_off_glibc(monkeypatch):
   monkeypatch.setattr(sys, "platform", "darwin")
   assert host.huge_page_env({}) is None
@@ -40,7 +57,7 @@ def test_a_program_starts_again_under_the_tunable(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   out = subprocess.run(
       [sys.executable, "-c", "import os; from tesserax.core import host; "
-       "print(os.getpid(), flush=True); host.reexec_with_huge_pages('probe')", "--flag", "x"],
+       "print(os.getpid(), flush=True); host.prepare('probe')", "--flag", "x"],
       env=env, cwd=tmp_path, capture_output=True, text=True, check=True).stdout.split()
   # The same process, started again as `python -m probe` with the same arguments.
   assert out[1:] == [host.HUGE_PAGES, out[0], "--flag", "x"]
@@ -48,7 +65,7 @@ def test_a_program_starts_again_under_the_tunable(tmp_path):
 
 def test_the_command_starts_again_but_not_when_called(monkeypatch):
   calls = []
-  monkeypatch.setattr(host, "reexec_with_huge_pages", calls.append)
+  monkeypatch.setattr(host, "prepare", calls.append)
   monkeypatch.setattr(sys, "argv", ["tesserax", "--help"])
   with pytest.raises(SystemExit):
     cli.main()

@@ -79,15 +79,14 @@ class Progress:
 
   def line(self, step: int, scalars: dict) -> str:
     now = time.time()
-    if self.last_time is None:  # the first interval includes compilation
-      rate = float("nan")
-    else:
-      rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    head = f"step {step}/{self.num_steps} | loss {scalars['loss']:.4f} | "
+    first = self.last_time is None  # the first interval includes compilation: no rate yet
+    rate = 0.0 if first else (step - self.last_step) / max(now - self.last_time, 1e-9)
     self.last_step, self.last_time = step, now
-    eta = (self.num_steps - step) / rate if rate == rate and rate > 0 else float("nan")
-    eta_text = "--" if eta != eta else time.strftime("%H:%M:%S", time.gmtime(eta))
-    return (f"step {step}/{self.num_steps} | loss {scalars['loss']:.4f} | "
-            f"{rate:.2f} steps/s | {rate * self.batch_size:.0f} images/s | ETA {eta_text}")
+    if first or rate <= 0:
+      return head + "-- steps/s | -- images/s | ETA --"
+    eta = time.strftime("%H:%M:%S", time.gmtime((self.num_steps - step) / rate))
+    return head + f"{rate:.2f} steps/s | {rate * self.batch_size:.0f} images/s | ETA {eta}"
 
 
 class _Preemption:
