@@ -13,7 +13,8 @@ from tesserax.sampling import ddpm_sampler
 from tesserax.tasks import diffusion
 from tesserax.training import task as task_lib
 
-pytestmark = pytest.mark.xdist_group("ddpm_student")  # one build of the session fixtures
+pytestmark = [pytest.mark.xdist_group("ddpm_student"),  # one build of the session fixtures
+              pytest.mark.long]
 
 
 @pytest.fixture(scope="session")

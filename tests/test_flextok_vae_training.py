@@ -22,7 +22,8 @@ from tesserax.data import pipeline
 from tesserax.tokenizers import flextok, kl_autoencoder, tokenizer
 from tesserax.training import loop, task as task_lib
 
-pytestmark = pytest.mark.xdist_group("flextok_vae")  # one build of the session fixtures
+pytestmark = [pytest.mark.xdist_group("flextok_vae"),  # one build of the session fixtures
+              pytest.mark.long]
 
 SCALE = 0.5  # model.vae_scaling_factor of the runs: the oracle checks it is applied
 

@@ -230,6 +230,7 @@ def ict_student():
                lr=2e-3, apply=cm_mlp, batch_size=CT_BATCH)
 
 
+@pytest.mark.long  # thousands of batches of 1,024 in its fixture
 def test_improved_consistency_training_from_scratch(ict_student, noise, ode_reference):
   """iCT without a teacher: measured 1 step 0.919, 2 steps 0.979 (ODE 0.987), in Sec. 10.3's
   0.90-0.97. CT is slower than CD (Sec. 10.3): CD reaches 0.91 after 4,000 steps of 256."""
@@ -267,6 +268,7 @@ def ect_student(flow_teacher):
   return train(loss, flow_teacher, ECT_STEPS, lr=2e-3, apply=cm_mlp, batch_size=CT_BATCH)
 
 
+@pytest.mark.long  # thousands of batches of 1,024 in its fixture
 def test_easy_consistency_tuning_from_a_flow_model(flow_teacher, ect_student, noise,
                                                    ode_reference):
   """ECT started from flow matching: measured 1 step 0.906, 2 steps 0.973 (ODE 0.987); batches
@@ -314,6 +316,7 @@ def sct_students():
           "ablation_raw": run(4000, 256, tangent_normalization=False)}
 
 
+@pytest.mark.long  # thousands of batches of 1,024 in its fixture
 def test_sct_needs_tangent_normalisation(sct_students, noise, ode_reference):
   """sCT normalised: measured 1 step 0.922, 2 steps 0.977 (ODE 0.987). The ablation at a quarter
   of the batch and two thirds of the steps: normalised 0.878 / 0.951; with raw tangents (sCM Fig.
