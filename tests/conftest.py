@@ -59,8 +59,11 @@ def _compile_once(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def _cache_dir(tmp_path_factory):
-  """One cache (the digits feature network) for the whole session, outside $HOME."""
-  os.environ["TESSERAX_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+  """One cache (the digits feature network, written atomically) for the whole session, both
+  xdist workers and their subprocesses, outside $HOME."""
+  cache = tmp_path_factory.getbasetemp().parent / "tesserax_cache"
+  cache.mkdir(exist_ok=True)
+  os.environ["TESSERAX_CACHE"] = str(cache)
 
 
 @pytest.fixture(scope="session")
