@@ -80,10 +80,10 @@ class Progress:
   def line(self, step: int, scalars: dict) -> str:
     now = time.time()
     head = f"step {step}/{self.num_steps} | loss {scalars['loss']:.4f} | "
-    first = self.last_time is None  # the first interval includes compilation: no rate yet
+    first = self.last_time is None  # no rate for the first interval: it includes compilation
     rate = 0.0 if first else (step - self.last_step) / max(now - self.last_time, 1e-9)
     self.last_step, self.last_time = step, now
-    if first or rate <= 0:
+    if rate <= 0:
       return head + "-- steps/s | -- images/s | ETA --"
     eta = time.strftime("%H:%M:%S", time.gmtime((self.num_steps - step) / rate))
     return head + f"{rate:.2f} steps/s | {rate * self.batch_size:.0f} images/s | ETA {eta}"
