@@ -60,7 +60,7 @@ def cpu_only(environ) -> bool:
   installed (the `jax_plugins` namespace package or entry points, libtpu)."""
   platforms = environ.get("JAX_PLATFORMS", "")
   if platforms:
-    return set(platforms.split(",")) == {"cpu"}
+    return {name.strip().lower() for name in platforms.split(",")} == {"cpu"}
   namespace = importlib.util.find_spec("jax_plugins")
   if namespace and any(pkgutil.iter_modules(namespace.submodule_search_locations)):
     return False

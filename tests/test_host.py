@@ -31,7 +31,9 @@ def test_xla_flags_are_appended_once():
 
 def test_the_cpu_compile_level_only_where_the_cpu_is_the_only_backend(monkeypatch):
   level = {"XLA_FLAGS": host.CPU_COMPILE}
-  assert host.cpu_compile_env({"JAX_PLATFORMS": "cpu"}) == {"JAX_PLATFORMS": "cpu", **level}
+  for platforms in ("cpu", "CPU"):
+    assert host.cpu_compile_env({"JAX_PLATFORMS": platforms}) == {"JAX_PLATFORMS": platforms,
+                                                                  **level}
   for platforms in ("cuda", "cpu,tpu"):
     assert host.cpu_compile_env({"JAX_PLATFORMS": platforms}) == {"JAX_PLATFORMS": platforms}
   chosen = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=3"}
