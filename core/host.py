@@ -11,12 +11,12 @@ when a process starts, so the `tesserax` command and the benchmarks start again 
 is left alone.
 
 XLA:CPU compiles its own kernels with LLVM at -O2 by default; at -O1
-(`--xla_backend_optimization_level=1`) compiling takes about a third less (the digits ECT
-student's training step 11.1 -> ~7 s, all 90 programs of a one-student few-step demo 46 -> 31 s)
-and the programs ran as fast or faster in every case measured, with the same figures to the
-printed three decimals but one (BENCHMARKS.md, "Compiling at LLVM -O1"): matmuls and
-convolutions are library calls at any level. The flag is also read by GPU code generation, so it is added only where jax
-will find no backend but the CPU.
+(`--xla_backend_optimization_level=1`) compiling takes about a third less (all 90 programs of a
+one-student few-step demo 46 -> 31 s) and the programs ran as fast or faster in every case
+measured, with the same figures to the printed three decimals but one (BENCHMARKS.md,
+"Compiling at LLVM -O1"): matmuls and convolutions are library calls at any level. The flag is
+also read by GPU code generation, so it is added only where jax will find no backend but the
+CPU.
 """
 import importlib.metadata
 import importlib.util
