@@ -10,10 +10,16 @@ from tesserax.core import host
 # The xdist workers and every subprocess start under glibc's huge-page malloc, as the `tesserax`
 # command does (core/host.py).
 os.environ.update(host.huge_page_env(os.environ) or {})
-# LLVM at -O1 for XLA:CPU's own kernels, as the `tesserax` command compiles where the CPU is the
-# only backend (core/host.py): compiling the tiny recipes, most of the suite's time, takes about
-# a third less (digits_dit:tiny's training step 5.0 -> 3.4 s).
-os.environ.update(host.xla_flags_env(os.environ, host.CPU_COMPILE))
+# XLA:CPU settings for the suite, which compiles some hundreds of small programs and runs most of
+# them a few times: LLVM at -O0 and XLA's classic fusion emitters instead of the MLIR ones.
+# digits_dit:tiny's training step compiles in 1.7-2.3 s instead of 4.7-5.4 s at the `tesserax`
+# command's settings (core/host.py) and runs 3-4x slower; the whole suite took 16:29 at those and
+# 11:28 at these on 2 cores (BENCHMARKS.md, "The test suite's compile settings"). A test that runs
+# one program thousands of times asks for faster code through jax.jit's `compiler_options`
+# (test_gmm_students.py). Subprocesses inherit XLA_FLAGS, and the `tesserax` command keeps an
+# optimisation level it is given.
+TEST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+os.environ.update(host.xla_flags_env(os.environ, *TEST_COMPILE))
 
 import tesserax.tasks  # noqa: F401  (registers every built-in task, network, sampler, ...)
 from tesserax.core import config as config_lib
