@@ -11,6 +11,8 @@ A dimension that the mesh axis does not divide stays replicated rather than fail
 test models run on any mesh.
 """
 import functools
+import math
+
 import jax
 import ml_collections
 import numpy as np
@@ -76,6 +78,38 @@ def logical_to_spec(names, shape, mesh: Mesh, rules=RULES) -> P:
       used.add(axis)
       spec.append(axis)
   return P(*spec)
+
+
+# Activations' logical names -> mesh axes: Megatron's layout under tensor parallelism. The
+# residual stream is split over the batch alone (replicated over "tensor"), heads and MLP width
+# over "tensor"; the parameters' "embed" (fsdp) is never an activation's.
+ACTIVATION_RULES = (
+    ("batch", BATCH_AXES),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+)
+
+
+def constrain(x, names):
+  """x held in the layout of its logical `names` (ACTIVATION_RULES) where the mesh of the trace
+  (`jax.sharding.use_abstract_mesh`, which the diffusion task sets around its network) has a
+  tensor axis over 1; elsewhere x itself. Without these, XLA's sharding propagation carries the
+  adaLN and tensor-parallel layouts into the residual stream and all-gathers activations over
+  "tensor" at every Linear (benchmarks/pod_memory.py: DiT-B/2 at 8 devices, 16 GiB of
+  all-gathers per step). A dimension the axes do not divide stays unconstrained."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or dict(mesh.shape).get("tensor", 1) == 1:
+    return x
+  table, spec = dict(ACTIVATION_RULES), []
+  for name, dim in zip(names, x.shape):
+    axes = table.get(name)
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if mesh.shape[a] > 1)
+    if not axes:
+      spec.append(None)
+    else:
+      spec.append(P.UNCONSTRAINED if dim % math.prod(mesh.shape[a] for a in axes) else axes)
+  return jax.lax.with_sharding_constraint(x, P(*spec))
 
 
 def logical_names(abstract_state):

@@ -60,7 +60,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from tesserax.core import registry
+from tesserax.core import registry, sharding
 from tesserax.core.errors import TesseraxError
 from tesserax.nn import layers
 from tesserax.nn.attention import Attention
@@ -143,13 +143,14 @@ class DiTBlock(nnx.Module):
                                           dtype=dtype, rngs=rngs)
 
   def __call__(self, x, c, rope=None):
-    mod = self.adaLN_modulation(jax.nn.silu(c))
+    mod = sharding.constrain(self.adaLN_modulation(jax.nn.silu(c)), ("batch", None))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
     x = x + gate_msa[:, None] * self.attn(
         layers.modulate(_norm(self.norm1, x), shift_msa, scale_msa), rope=rope)
+    x = sharding.constrain(x, ("batch", None, None))
     x = x + gate_mlp[:, None] * self.mlp(
         layers.modulate(_norm(self.norm2, x), shift_mlp, scale_mlp))
-    return x
+    return sharding.constrain(x, ("batch", None, None))
 
 
 class FinalLayer(nnx.Module):

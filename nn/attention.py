@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tesserax.nn.layers import RMSNorm, apply_rope, linear
+from tesserax.core import sharding
+from tesserax.nn.layers import RMSNorm, apply_rope, dense, linear
 
 
 class KVCache(NamedTuple):
@@ -124,11 +125,21 @@ class Attention(nnx.Module):
     self.q_norm = RMSNorm(self.head_dim) if qk_norm else None
     self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
 
+  def _fused_qkv(self, x):
+    """`self.qkv(x)` as [B, T, 3, heads, head_dim], its kernel viewed as [dim, 3, heads,
+    head_dim] (the same product): under tensor parallelism each device then computes its own
+    heads of q, k and v, where the [q | k | v] columns split evenly over "tensor" would put all
+    of q on the first devices and all-gather the [B, T, 3 dim] output at every block."""
+    layer, shape = self.qkv, (3, self.num_heads, self.head_dim)
+    kernel = sharding.constrain(layer.kernel[...].reshape(-1, *shape), (None, None, "heads", None))
+    x, kernel, bias = layer.promote_dtype((x, kernel, layer.bias[...]), dtype=layer.dtype)
+    return dense(x, kernel, layer.precision) + bias.reshape(shape)
+
   def qkv_heads(self, x, rope=None):
     """q, k, v, each [B, T, heads, head_dim], after QK-norm and RoPE."""
     b, t, _ = x.shape
     if self.fused_qkv:
-      qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim)
+      qkv = self._fused_qkv(x)
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     else:
       q, k, v = (f(x).reshape(b, t, self.num_heads, self.head_dim)
@@ -137,7 +148,7 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    return q, k, v
+    return tuple(sharding.constrain(x, ("batch", None, "heads", None)) for x in (q, k, v))
 
   def __call__(self, x, *, rope=None, mask=None, causal=False):
     """x [B, T, dim] -> [B, T, dim]; mask and causal as `dot_product_attention` takes them."""

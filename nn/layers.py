@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tesserax.core import sharding
+
 TIME_FREQUENCY_DIM = 256  # DiT's TimestepEmbedder frequency_embedding_size
 
 
@@ -98,7 +100,7 @@ class Mlp(nnx.Module):
     self.fc2 = linear(hidden, dim, names_out, dtype=dtype, precision=precision, rngs=rngs)
 
   def __call__(self, x):
-    h = self.fc1(x)
+    h = sharding.constrain(self.fc1(x), ("batch",) + (None,) * (x.ndim - 2) + ("mlp",))
     return self.fc2(gelu_tanh(h) if self.approximate_gelu else jax.nn.gelu(h, approximate=False))
 
 
@@ -111,7 +113,8 @@ class SwiGLU(nnx.Module):
 
   def __call__(self, x):
     x1, x2 = jnp.split(self.w12(x), 2, axis=-1)
-    return self.w3(jax.nn.silu(x1) * x2)
+    hidden = ("batch",) + (None,) * (x.ndim - 2) + ("mlp",)
+    return self.w3(sharding.constrain(jax.nn.silu(x1) * x2, hidden))
 
 
 class RMSNorm(nnx.Module):

@@ -105,10 +105,16 @@ class DiffusionTask:
 
   def apply(self, params, x, t, labels, *, train=False, s=None, guidance=None):
     """The network at `params` (the `apply` objectives and samplers see); `guidance` the
-    network's guidance conditions where it has them (iMF, `model.guidance_conditions`)."""
+    network's guidance conditions where it has them (iMF, `model.guidance_conditions`). The
+    network runs under the task's mesh, whose tensor axis its activations' layout follows
+    (core/sharding.py `constrain`)."""
     model = nnx.merge(self.graphdef, params, self.buffers)
     conditions = {} if guidance is None else {"guidance": guidance}
-    network = lambda x, t: model(x, t, labels, train, s=s, **conditions)
+
+    def network(x, t):
+      with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+        return model(x, t, labels, train, s=s, **conditions)
+
     if not self.epsilon_network:
       return network(x, t)
     return ddpm.epsilon_as_velocity(network, x, t)
