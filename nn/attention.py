@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tesserax.core import sharding
-from tesserax.nn.layers import RMSNorm, apply_rope, dense, linear
+from tesserax.nn.layers import RMSNorm, apply_rope, linear, linear_view
 
 
 class KVCache(NamedTuple):
@@ -125,21 +125,11 @@ class Attention(nnx.Module):
     self.q_norm = RMSNorm(self.head_dim) if qk_norm else None
     self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
 
-  def _fused_qkv(self, x):
-    """`self.qkv(x)` as [B, T, 3, heads, head_dim], its kernel viewed as [dim, 3, heads,
-    head_dim] (the same product): under tensor parallelism each device then computes its own
-    heads of q, k and v, where the [q | k | v] columns split evenly over "tensor" would put all
-    of q on the first devices and all-gather the [B, T, 3 dim] output at every block."""
-    layer, shape = self.qkv, (3, self.num_heads, self.head_dim)
-    kernel = sharding.constrain(layer.kernel[...].reshape(-1, *shape), (None, None, "heads", None))
-    x, kernel, bias = layer.promote_dtype((x, kernel, layer.bias[...]), dtype=layer.dtype)
-    return dense(x, kernel, layer.precision) + bias.reshape(shape)
-
   def qkv_heads(self, x, rope=None):
     """q, k, v, each [B, T, heads, head_dim], after QK-norm and RoPE."""
     b, t, _ = x.shape
     if self.fused_qkv:
-      qkv = self._fused_qkv(x)
+      qkv = linear_view(self.qkv, x, (3, self.num_heads, self.head_dim), (None, "heads", None))
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     else:
       q, k, v = (f(x).reshape(b, t, self.num_heads, self.head_dim)

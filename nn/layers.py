@@ -71,6 +71,20 @@ def linear(din, dout, axis_names=None, *, rngs, dtype=None, precision=None, kern
                     bias_init=bias_init, dot_general=dense_dot_general, rngs=rngs)
 
 
+def linear_view(layer, x, shape, names):
+  """`layer(x)` (an nnx.Linear) with its output features as `shape`, their layout under tensor
+  parallelism the logical `names` (core/sharding.py `constrain`): the kernel is viewed as [din,
+  *shape] before the product (the same product). A fused kernel whose columns hold parts side
+  by side ([q | k | v], SwiGLU's [x1 | x2]) then splits over "tensor" part by part, where its
+  columns split evenly would give the first devices all of the first part and all-gather the
+  output to regroup it."""
+  kernel = sharding.constrain(layer.kernel[...].reshape(-1, *shape), (None, *names))
+  bias = layer.bias[...] if layer.bias is not None else None
+  x, kernel, bias = layer.promote_dtype((x, kernel, bias), dtype=layer.dtype)
+  y = dense(x, kernel, layer.precision)
+  return y if bias is None else y + bias.reshape(shape)
+
+
 @jax.custom_jvp
 def gelu_tanh(x):
   """GELU with the tanh approximation (`jax.nn.gelu(x, approximate=True)`) differentiated
@@ -112,9 +126,8 @@ class SwiGLU(nnx.Module):
     self.w3 = linear(hidden, dim, ("mlp", "embed"), dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
-    x1, x2 = jnp.split(self.w12(x), 2, axis=-1)
-    hidden = ("batch",) + (None,) * (x.ndim - 2) + ("mlp",)
-    return self.w3(sharding.constrain(jax.nn.silu(x1) * x2, hidden))
+    x12 = linear_view(self.w12, x, (2, self.w3.in_features), (None, "mlp"))
+    return self.w3(jax.nn.silu(x12[..., 0, :]) * x12[..., 1, :])
 
 
 class RMSNorm(nnx.Module):
