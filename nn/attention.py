@@ -138,7 +138,7 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    return tuple(sharding.constrain(x, ("batch", None, "heads", None)) for x in (q, k, v))
+    return tuple(sharding.constrain(a, ("batch", None, "heads", None)) for a in (q, k, v))
 
   def __call__(self, x, *, rope=None, mask=None, causal=False):
     """x [B, T, dim] -> [B, T, dim]; mask and causal as `dot_product_attention` takes them."""
