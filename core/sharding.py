@@ -85,8 +85,8 @@ def logical_to_spec(names, shape, mesh: Mesh, rules=RULES) -> P:
 # over "tensor"; the parameters' "embed" (fsdp) is never an activation's.
 ACTIVATION_RULES = (
     ("batch", BATCH_AXES),
-    ("heads", "tensor"),
-    ("mlp", "tensor"),
+    ("heads", ("tensor",)),
+    ("mlp", ("tensor",)),
 )
 
 
@@ -102,9 +102,7 @@ def constrain(x, names):
     return x
   table, spec = dict(ACTIVATION_RULES), []
   for name, dim in zip(names, x.shape):
-    axes = table.get(name)
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    axes = tuple(a for a in axes if mesh.shape[a] > 1)
+    axes = tuple(a for a in table.get(name, ()) if mesh.shape[a] > 1)
     if not axes:
       spec.append(None)
     else:

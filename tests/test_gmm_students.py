@@ -46,7 +46,8 @@ CM_FREQUENCIES = math.pi * 2.0 ** np.arange(3, dtype=np.float32)
 NUM_SAMPLES = 10000
 # The training runs below are one program run thousands of times, so they are compiled as the
 # `tesserax` command compiles (core/host.py), not at the suite's quick-compile settings
-# (conftest.py): 1,500 iCT steps took 8.1-9.0 s so and 10.6-10.8 s with the classic emitters.
+# (conftest.py): 1,500 iCT steps took 8.1-9.0 s compiled so, 10.6-10.8 s with the classic
+# emitters.
 RUN_MANY_TIMES = {"xla_cpu_use_fusion_emitters": True, "xla_backend_optimization_level": 1}
 
 
