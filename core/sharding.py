@@ -12,6 +12,7 @@ test models run on any mesh.
 """
 import functools
 import math
+import warnings
 
 import jax
 import ml_collections
@@ -118,11 +119,41 @@ def logical_names(abstract_state):
   return nnx.to_pure_dict(names)
 
 
+def _is_names(n) -> bool:
+  return n is None or isinstance(n, tuple)
+
+
+def unsplit_dimensions(abstract_params, names, mesh, rules=RULES) -> dict[str, list[int]]:
+  """{mesh axis: sorted sizes of the parameter dimensions `rules` give it but that it does not
+  divide}, over axes of more than one device and the arrays that axis then splits nowhere: they
+  stay whole on every device of the axis (DiT-XL/2's width 1,152 under fsdp=256; LightningDiT-
+  1p6B's SwiGLU width 4,778 under tensor=4: BENCHMARKS.md, "Pod scale on paper")."""
+  table, found = dict(rules), {}
+
+  def check(n, x):
+    if n is None:
+      return
+    spec = logical_to_spec(n, x.shape, mesh, rules)
+    for name, dim in zip(n, x.shape):
+      axis = table.get(name)
+      if axis and mesh.shape[axis] > 1 and dim % mesh.shape[axis] and axis not in spec:
+        found.setdefault(axis, set()).add(dim)
+
+  jax.tree.map(check, names, abstract_params, is_leaf=_is_names)
+  return {axis: sorted(sizes) for axis, sizes in found.items()}
+
+
 def param_shardings(abstract_params, names, mesh: Mesh):
-  """NamedShardings for a pure-dict tree of ShapeDtypeStructs given its logical names."""
+  """NamedShardings for a pure-dict tree of ShapeDtypeStructs given its logical names; warns
+  once per mesh axis that leaves parameters whole (`unsplit_dimensions`)."""
+  for axis, sizes in unsplit_dimensions(abstract_params, names, mesh).items():
+    warnings.warn(
+        f"mesh.{axis}={mesh.shape[axis]} does not divide parameter dimensions of size "
+        f"{', '.join(map(str, sizes))}: those parameters stay whole on every device of the axis; "
+        f"a mesh.{axis} that divides them shards them", stacklevel=2)
   return jax.tree.map(
       lambda n, x: NamedSharding(mesh, logical_to_spec(n, x.shape, mesh)),
-      names, abstract_params, is_leaf=lambda n: n is None or isinstance(n, tuple))
+      names, abstract_params, is_leaf=_is_names)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -92,6 +92,38 @@ def test_one_step_on_8_devices_matches_1_device(digits_data_dir):
   assert results["fsdp_x_tensor"]["all_gather"] <= 1.5 * results["fsdp"]["all_gather"], results
 
 
+
+def test_a_mesh_axis_that_divides_no_width_warns():
+  """FSDP over 256 devices splits nothing of DiT-XL/2 (width 1,152 = 9 x 128) and 4-way tensor
+  parallelism leaves LightningDiT-1p6B's SwiGLU width 4,778 whole; both warn, while fsdp 128 and
+  tensor 2 split every such dimension and stay quiet. Abstract meshes: no devices needed."""
+  import warnings
+  from flax import nnx
+  from jax.sharding import AbstractMesh
+  from tesserax.core import sharding
+  from tesserax.generators import dit
+  from tesserax.tasks.diffusion import build_network
+
+  def shardings(model_config, mesh_shape):
+    params = nnx.split(nnx.eval_shape(lambda: build_network(model_config)), nnx.Param, ...)[1]
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      specs = sharding.param_shardings(nnx.to_pure_dict(params), sharding.logical_names(params),
+                                       AbstractMesh(mesh_shape, sharding.MESH_AXES))
+    axes = {axis for s in jax.tree.leaves(specs) for axis in s.spec if axis}
+    return axes, [str(w.message) for w in caught]
+
+  xl2, lightning_1p6b = dit.dit_config("XL/2"), dit.lightningdit_config("1p6B/1")
+  axes, messages = shardings(xl2, (1, 256, 1))
+  assert axes == set() and len(messages) == 1 and "mesh.fsdp=256" in messages[0], messages
+  assert "size 1152:" in messages[0], messages
+  axes, messages = shardings(lightning_1p6b, (1, 2, 4))
+  assert "tensor" in axes and len(messages) == 1 and "size 4778:" in messages[0], messages
+  for config, mesh_shape, split in ((xl2, (1, 128, 1), {"fsdp"}),
+                                    (xl2, (2, 64, 2), {"fsdp", "tensor"}),
+                                    (lightning_1p6b, (1, 4, 2), {"fsdp", "tensor"})):
+    assert shardings(config, mesh_shape) == (split, []), mesh_shape
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("localhost", 0))
