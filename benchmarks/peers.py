@@ -26,7 +26,13 @@ DPMSolverMultistepScheduler, each given tesserax's weights through tesserax's co
 
 Before timing, each pair is checked on the same inputs (DiT forward to 1e-4 of the output's
 scale in float32, DiT gradients to 1e-4 of the gradient norm, sampling and the VAE to 1e-3);
-a pair that disagrees prints the difference and no ratio. Timing: a warm-up call each, then
+a pair that disagrees prints the difference and no ratio. The checks always run in float32 and
+eager PyTorch; the timed calls then run each side in its fast mode: `--dtype bfloat16` gives
+tesserax's DiT and SD-VAE bfloat16 compute (float32 parameters, `model.dtype`) and the peer
+`torch.autocast(dtype=torch.bfloat16)`; `--torch_compile` times `torch.compile`d peer networks.
+Where jax runs on a GPU and torch sees one, the peer runs on CUDA (timed with
+torch.cuda.synchronize) and torch-fidelity and pytorch-fid on the GPU too; otherwise on the CPU.
+Timing: a warm-up call each, then
 `--rounds` rounds alternating the two sides (`--order blocks`: one side's rounds, then the
 other's), medians. torch runs `--threads` threads
 (torch.set_num_threads); XLA:CPU uses the machine's cores, so run with as many cores as
@@ -45,6 +51,7 @@ torch-fidelity TF1 ResizeBilinear (src = dst * in / out), (x - 128) / 128 ("adm"
 - features: pool_3 of one --fid_batch batch to 1e-4, then timed (uint8 in, pool_3 out).
 """
 import argparse
+import contextlib
 import functools
 import importlib.util
 import json
@@ -110,6 +117,57 @@ def compare(name, ours, theirs, tol):
   return {"check": name, "relative_difference": error, "tolerance": tol, "agree": error <= tol}
 
 
+def torch_device() -> str:
+  """"cuda" where jax runs on a GPU and torch sees one, else "cpu": the peer on the same kind
+  of device as tesserax."""
+  import torch
+  return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def autocast(device: str, dtype: str | None):
+  """torch.autocast to `dtype` ("bfloat16") on `device`, or a context that changes nothing."""
+  import torch
+  return (contextlib.nullcontext() if dtype is None
+          else torch.autocast(device, dtype=getattr(torch, dtype)))
+
+
+def torch_call(fn, device: str, dtype: str | None = None):
+  """fn as a zero-argument call of the peer's side, under `autocast(device, dtype)`, returning
+  only once CUDA's queue has run (torch.cuda.synchronize)."""
+  import torch
+
+  def call():
+    with autocast(device, dtype):
+      out = fn()
+    if device == "cuda":
+      torch.cuda.synchronize()
+    return out
+  return call
+
+
+@contextlib.contextmanager
+def float32_checks(device: str):
+  """Full float32 products on both sides while checking on a GPU, where XLA's dots and cuDNN's
+  convolutions default to TF32 (the timed calls keep each side's defaults); on the CPU, where
+  both compute in float32 anyway, nothing changes."""
+  if device != "cuda":
+    yield
+    return
+  import torch
+  allow_tf32 = torch.backends.cudnn.allow_tf32
+  torch.backends.cudnn.allow_tf32 = False
+  try:
+    with jax.default_matmul_precision("highest"):
+      yield
+  finally:
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+
+
+def to_numpy_nhwc(x):
+  """A torch NCHW tensor on any device as a float32 NHWC NumPy array."""
+  return x.detach().float().cpu().numpy().transpose(0, 2, 3, 1)
+
+
 def row(work, check, seconds, **extra):
   out = {"work": work, **extra, **check}
   if check["agree"]:
@@ -173,7 +231,7 @@ def diffusers_dit_state(official: dict, depth: int) -> dict:
 
 def official_dit_grads(torch_model, depth: int) -> dict:
   """The peer's gradients under official DiT names (copies of the embedders summed)."""
-  g = {k: p.grad.double().numpy() for k, p in torch_model.named_parameters()}
+  g = {k: p.grad.double().cpu().numpy() for k, p in torch_model.named_parameters()}
   out = {"x_embedder.proj.weight": g["pos_embed.proj.weight"],
          "x_embedder.proj.bias": g["pos_embed.proj.bias"],
          "final_layer.adaLN_modulation.1.weight": g["proj_out_1.weight"],
@@ -216,39 +274,58 @@ def diffusers_dit(model_config, official: dict):
   return model
 
 
+def fast_modes(args):
+  """(tesserax dtype, torch autocast dtype or None) of the timed calls (the checks: float32)."""
+  return args.dtype, (None if args.dtype == "float32" else args.dtype)
+
+
 def bench_dit(args):
   import torch
   from diffusers import DPMSolverMultistepScheduler
+  dev = torch_device()
+  dtype, peer_dtype = fast_modes(args)
   config = dit_task_config(args.size, args.batch)
   mc = config.model
   setup = task_lib.build(config, sharding.make_mesh(config.mesh))
+  fast = setup
+  if dtype != "float32":
+    fast_config = config.copy_and_resolve_references()
+    fast_config.model.dtype = dtype
+    fast = task_lib.build(fast_config, setup.mesh)
   state = setup.init()
   state = dict(state, params=random_params(state["params"]))
   state["ema"] = jax.tree.map(jnp.copy, state["params"])
   params = jax.device_get(state["params"])
   official = dit_checkpoints.state_dict_from_params(params, mc)
-  peer = diffusers_dit(mc, official)
+  peer = diffusers_dit(mc, official).to(dev)
+  fast_peer = torch.compile(peer) if args.torch_compile else peer
   rng = np.random.default_rng(0)
   b, r, ch = args.batch, mc.input_size, mc.in_channels
   x = rng.standard_normal((b, r, r, ch)).astype(np.float32)
   t = rng.uniform(0.05, 0.95, b).astype(np.float32)
   labels = rng.integers(0, mc.num_classes, b).astype(np.int32)
-  x_t, t_t, y_t = (torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
-                   torch.from_numpy(1000 * t), torch.from_numpy(labels.astype(np.int64)))
+  x_t, t_t, y_t = (torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(dev),
+                   torch.from_numpy(1000 * t).to(dev),
+                   torch.from_numpy(labels.astype(np.int64)).to(dev))
   rows = []
 
-  # Forward.
-  forward = jax.jit(lambda p, x, t, y: setup.apply(p, x, t, y))
-  ours = lambda: jax.block_until_ready(forward(state["params"], x, t, labels))  # noqa: E731
-  peer.eval()
+  # Forward. (ours_* are cached per task: one compilation where the checks' task is the fast one.)
+  @functools.cache
+  def ours_forward(task):
+    forward = jax.jit(lambda p: task.apply(p, x, t, labels))
+    return lambda: jax.block_until_ready(forward(state["params"]))
 
-  def theirs():
+  def theirs_forward(model):
     with torch.no_grad():
-      return peer(x_t, timestep=t_t, class_labels=y_t).sample
+      return model(x_t, timestep=t_t, class_labels=y_t).sample
 
-  check = compare("dit forward", ours(), theirs().numpy().transpose(0, 2, 3, 1), 1e-4)
-  seconds = (timed({"tesserax": ours, "peer": theirs}, args.rounds, args.order)
-             if check["agree"] else {})
+  peer.eval()
+  with float32_checks(dev):
+    check = compare("dit forward", ours_forward(setup)(),
+                    to_numpy_nhwc(torch_call(lambda: theirs_forward(peer), dev)()), 1e-4)
+  sides = {"tesserax": ours_forward(fast),
+           "peer": torch_call(lambda: theirs_forward(fast_peer), dev, peer_dtype)}
+  seconds = timed(sides, args.rounds, args.order) if check["agree"] else {}
   rows.append(row(f"DiT-{args.size}/2 forward", check, seconds, batch=b))
 
   # Sampling: DPM-Solver++(2M), the DiT as a velocity network of t = sigma.
@@ -259,27 +336,29 @@ def bench_dit(args):
     scheduler.set_timesteps(steps)
     sigmas = scheduler.sigmas.double().numpy()
 
-    def velocity(p, x, s):
-      return setup.apply(p, x, jnp.full((x.shape[0],), s), labels)[..., :ch]
+    @functools.cache
+    def ours_solve(task):
+      solve = jax.jit(lambda p, noise: multistep.dpm_solver_pp(
+          lambda x, s: task.apply(p, x, jnp.full((x.shape[0],), s), labels)[..., :ch],
+          noise, sigmas, order=2))
+      return lambda: jax.block_until_ready(solve(state["params"], x))
 
-    solve = jax.jit(lambda p, noise: multistep.dpm_solver_pp(
-        lambda x, s: velocity(p, x, s), noise, sigmas, order=2))
-    ours = lambda: jax.block_until_ready(solve(state["params"], x))  # noqa: E731
-
-    def theirs():
+    def theirs_solve(model):
       scheduler.set_timesteps(steps)
       sample = x_t.clone()
       with torch.no_grad():
         for i, timestep in enumerate(scheduler.timesteps):
-          s = torch.full((b,), 1000 * float(sigmas[i]))
-          v = peer(sample, timestep=s, class_labels=y_t).sample[:, :ch]
-          sample = scheduler.step(v, timestep, sample).prev_sample
+          s = torch.full((b,), 1000 * float(sigmas[i]), device=dev)
+          v = model(sample, timestep=s, class_labels=y_t).sample[:, :ch]
+          sample = scheduler.step(v.float(), timestep, sample).prev_sample
       return sample
 
-    check = compare(f"dpm-solver++ {steps} steps", ours(),
-                    theirs().numpy().transpose(0, 2, 3, 1), 1e-3)
-    seconds = (timed({"tesserax": ours, "peer": theirs}, max(1, args.rounds // 2), args.order)
-               if check["agree"] else {})
+    with float32_checks(dev):
+      check = compare(f"dpm-solver++ {steps} steps", ours_solve(setup)(),
+                      to_numpy_nhwc(torch_call(lambda: theirs_solve(peer), dev)()), 1e-3)
+    sides = {"tesserax": ours_solve(fast),
+             "peer": torch_call(lambda: theirs_solve(fast_peer), dev, peer_dtype)}
+    seconds = (timed(sides, max(1, args.rounds // 2), args.order) if check["agree"] else {})
     rows.append(row(f"DiT-{args.size}/2 DPM-Solver++(2M) {steps} steps", check, seconds,
                     batch=b, nfe=steps))
 
@@ -289,14 +368,15 @@ def bench_dit(args):
   def loss(p):
     return jnp.mean(jnp.square(setup.apply(p, x, t, labels)[..., :ch] - target))
 
-  grads = dit_checkpoints.state_dict_from_params(
-      jax.device_get(jax.jit(jax.grad(loss))(state["params"])), mc)
   peer.train()
   for block in peer.transformer_blocks:  # no label dropout for the check
     block.norm1.emb.class_embedder.dropout_prob = 0.0
-  out = peer(x_t, timestep=t_t, class_labels=y_t).sample[:, :ch]
-  target_t = torch.from_numpy(np.ascontiguousarray(target.transpose(0, 3, 1, 2)))
-  torch.mean(torch.square(out - target_t)).backward()
+  target_t = torch.from_numpy(np.ascontiguousarray(target.transpose(0, 3, 1, 2))).to(dev)
+  with float32_checks(dev):
+    grads = dit_checkpoints.state_dict_from_params(
+        jax.device_get(jax.jit(jax.grad(loss))(state["params"])), mc)
+    out = peer(x_t, timestep=t_t, class_labels=y_t).sample[:, :ch]
+    torch.mean(torch.square(out - target_t)).backward()
   peer_grads = official_dit_grads(peer, mc.depth)
   peer.zero_grad(set_to_none=True)
   for block in peer.transformer_blocks:
@@ -311,7 +391,7 @@ def bench_dit(args):
   holder = {"state": state}
 
   def ours():
-    holder["state"], metrics = setup.train_step(holder["state"], batch)
+    holder["state"], metrics = fast.train_step(holder["state"], batch)
     jax.block_until_ready(metrics["loss"])
 
   c = config.optim
@@ -320,19 +400,23 @@ def bench_dit(args):
   ema = [p.detach().clone() for p in peer.parameters()]
   x0 = x_t
 
-  def theirs():
-    tt = torch.sigmoid(torch.randn(b))
+  def forward_loss():
+    tt = torch.sigmoid(torch.randn(b, device=dev))
     eps = torch.randn_like(x0)
     xt = (1 - tt[:, None, None, None]) * x0 + tt[:, None, None, None] * eps
-    pred = peer(xt, timestep=1000 * tt, class_labels=y_t).sample[:, :ch]
-    step_loss = torch.mean(torch.square(pred - (eps - x0)))
+    pred = fast_peer(xt, timestep=1000 * tt, class_labels=y_t).sample[:, :ch]
+    return torch.mean(torch.square(pred.float() - (eps - x0)))
+
+  def theirs():
+    with autocast(dev, peer_dtype):
+      step_loss = forward_loss()
     opt.zero_grad(set_to_none=True)
     step_loss.backward()
     opt.step()
     with torch.no_grad():
       torch._foreach_lerp_(ema, list(peer.parameters()), 1 - config.ema_decay)
 
-  seconds = (timed({"tesserax": ours, "peer": theirs}, args.rounds, args.order)
+  seconds = (timed({"tesserax": ours, "peer": torch_call(theirs, dev)}, args.rounds, args.order)
              if check["agree"] else {})
   rows.append(row(f"DiT-{args.size}/2 training step (fwd+bwd+AdamW+EMA)", check, seconds,
                   batch=b))
@@ -345,6 +429,8 @@ def bench_vae(args):
   import torch
   from diffusers import AutoencoderKL
   from safetensors.torch import save_file
+  dev = torch_device()
+  dtype, peer_dtype = fast_modes(args)
   config = kl_autoencoder.sd_vae_f8d4()
   config.resolution = args.vae_resolution
   torch.manual_seed(0)
@@ -358,36 +444,52 @@ def bench_vae(args):
     path = os.path.join(tmp, "vae.safetensors")
     save_file({k: v.contiguous() for k, v in peer.state_dict().items()}, path)
     params = vae_checkpoints.diffusers_params(path, config)
-  model = weights.with_params(lambda: kl_autoencoder.build(config), params, "vae")
-  graphdef, state = nnx.split(model)
-  encode = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x))
-  decode = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode(z))
+  peer = peer.to(dev)
+  fast_peer = torch.compile(peer) if args.torch_compile else peer
+
+  def jitted(vae_config):
+    graphdef, state = nnx.split(
+        weights.with_params(lambda: kl_autoencoder.build(vae_config), params, "vae"))
+    return (jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x)),
+            jax.jit(lambda s, z: nnx.merge(graphdef, s).decode(z)), state)
+
+  encode, decode, state = jitted(config)
+  fast_encode, fast_decode, fast_state = encode, decode, state
+  if dtype != "float32":
+    fast_config = config.copy_and_resolve_references()
+    fast_config.dtype = dtype
+    fast_encode, fast_decode, fast_state = jitted(fast_config)
   rng = np.random.default_rng(0)
   b, res = args.vae_batch, args.vae_resolution
   images = rng.uniform(-1, 1, (b, res, res, 3)).astype(np.float32)
-  images_t = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+  images_t = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(dev)
   rows = []
-  ours = lambda: jax.block_until_ready(encode(state, images))  # noqa: E731
 
-  def theirs():
+  def theirs_encode(model):
     with torch.no_grad():
-      return peer.encode(images_t).latent_dist.mean
+      return model.encode(images_t).latent_dist.mean
 
-  latents = ours()
-  check = compare("vae encode", latents, theirs().numpy().transpose(0, 2, 3, 1), 1e-3)
-  seconds = (timed({"tesserax": ours, "peer": theirs}, args.rounds, args.order)
-             if check["agree"] else {})
+  with float32_checks(dev):
+    latents = jax.block_until_ready(encode(state, images))
+    check = compare("vae encode", latents,
+                    to_numpy_nhwc(torch_call(lambda: theirs_encode(peer), dev)()), 1e-3)
+  sides = {"tesserax": lambda: jax.block_until_ready(fast_encode(fast_state, images)),
+           "peer": torch_call(lambda: theirs_encode(fast_peer), dev, peer_dtype)}
+  seconds = timed(sides, args.rounds, args.order) if check["agree"] else {}
   rows.append(row(f"SD-VAE encode {res}x{res}", check, seconds, batch=b))
-  latents_t = torch.from_numpy(np.ascontiguousarray(np.asarray(latents).transpose(0, 3, 1, 2)))
-  ours = lambda: jax.block_until_ready(decode(state, latents))  # noqa: E731
+  latents_t = torch.from_numpy(
+      np.ascontiguousarray(np.asarray(latents).transpose(0, 3, 1, 2))).to(dev)
 
-  def theirs():
+  def theirs_decode(model):
     with torch.no_grad():
-      return peer.decode(latents_t).sample
+      return model.decode(latents_t).sample
 
-  check = compare("vae decode", ours(), theirs().numpy().transpose(0, 2, 3, 1), 1e-3)
-  seconds = (timed({"tesserax": ours, "peer": theirs}, args.rounds, args.order)
-             if check["agree"] else {})
+  with float32_checks(dev):
+    check = compare("vae decode", decode(state, latents),
+                    to_numpy_nhwc(torch_call(lambda: theirs_decode(peer), dev)()), 1e-3)
+  sides = {"tesserax": lambda: jax.block_until_ready(fast_decode(fast_state, latents)),
+           "peer": torch_call(lambda: theirs_decode(fast_peer), dev, peer_dtype)}
+  seconds = timed(sides, args.rounds, args.order) if check["agree"] else {}
   rows.append(row(f"SD-VAE decode {res}x{res}", check, seconds, batch=b))
   return rows
 
@@ -454,6 +556,7 @@ def bench_fid(args):
   from PIL import Image
   from pytorch_fid import fid_score, inception as pf_inception
   from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+  dev = torch_device()
   state = random_inception_state()
   b, n, res = args.fid_batch, args.fid_num, args.fid_resolution
   sets = {"a": image_set(1, n, res, 8), "b": image_set(2, n, res, 16)}
@@ -479,18 +582,19 @@ def bench_fid(args):
       fids[f"tesserax_{mode}"] = metrics.generation_metrics(
           reference.read_images(dirs["a"]), ref, ("fid",), inception=model, mode=mode,
           batch_size=b)["fid"]
-    with loader:
+    with loader, float32_checks(dev):
       fids["pytorch-fid"] = float(fid_score.calculate_fid_given_paths(
-          [dirs["a"], dirs["b"]], b, "cpu", 2048, num_workers=0))
-    fids["torch-fidelity"] = torch_fidelity.calculate_metrics(
-        input1=dirs["a"], input2=dirs["b"], fid=True, cuda=False, batch_size=b, cache=False,
-        verbose=False, feature_extractor_weights_path=path,
-        save_cpu_ram=True)["frechet_inception_distance"]  # no DataLoader workers forked
+          [dirs["a"], dirs["b"]], b, dev, 2048, num_workers=0))
+    with float32_checks(dev):
+      fids["torch-fidelity"] = torch_fidelity.calculate_metrics(
+          input1=dirs["a"], input2=dirs["b"], fid=True, cuda=dev == "cuda", batch_size=b,
+          cache=False, verbose=False, feature_extractor_weights_path=path,
+          save_cpu_ram=True)["frechet_inception_distance"]  # no DataLoader workers forked
 
     with loader:
-      pf_model = pf_inception.InceptionV3([3]).eval()
+      pf_model = pf_inception.InceptionV3([3]).eval().to(dev)
     tf_model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                           feature_extractor_weights_path=path)
+                                           feature_extractor_weights_path=path).to(dev)
   fid_checks = {peer: compare(f"FID {peer}", fids[f"tesserax_{mode}"], fids[peer], 1e-3)
                 for peer, mode in FID_PAIRS}
   rows = [{"work": f"FID, {n} vs {n} images {res}x{res}", **fids,
@@ -500,7 +604,7 @@ def bench_fid(args):
 
   # pool_3 features of one batch, checked then timed.
   batch = sets["a"][:b]
-  batch_t = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
+  batch_t = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2))).to(dev)
   sides = {}
   for mode in inception.MODES:
     run = metrics.batched(metrics.inception_outputs, model, batch_size=b, mode=mode)
@@ -508,23 +612,25 @@ def bench_fid(args):
 
   def pytorch_fid():
     with torch.no_grad():
-      return pf_model(batch_t.float() / 255)[0][:, :, 0, 0].numpy()
+      return pf_model(batch_t.float() / 255)[0][:, :, 0, 0].cpu().numpy()
 
   def torch_fidelity_():
     with torch.no_grad():
-      return tf_model(batch_t)[0].numpy()
+      return tf_model(batch_t)[0].cpu().numpy()
 
-  sides["pytorch-fid"], sides["torch-fidelity"] = pytorch_fid, torch_fidelity_
+  sides["pytorch-fid"] = torch_call(pytorch_fid, dev)
+  sides["torch-fidelity"] = torch_call(torch_fidelity_, dev)
   # The 299x299 input each network sees (the peers': caught entering their first conv).
   inputs = {mode: np.asarray(inception.preprocess(batch, mode)) for mode in inception.MODES}
 
   def keep(name, _, args):
-    inputs[name] = args[0].numpy().transpose(0, 2, 3, 1)
+    inputs[name] = to_numpy_nhwc(args[0])
 
   hooks = [pf_model.blocks[0][0].register_forward_pre_hook(functools.partial(keep, "pytorch-fid")),
            tf_model.Conv2d_1a_3x3.register_forward_pre_hook(
                functools.partial(keep, "torch-fidelity"))]
-  features = {name: fn() for name, fn in sides.items()}
+  with float32_checks(dev):
+    features = {name: fn() for name, fn in sides.items()}
   for hook in hooks:
     hook.remove()
   gap = lambda a, b: float(np.max(np.abs(inputs[a] - inputs[b])))  # noqa: E731
@@ -567,6 +673,11 @@ def main():
                            "side's rounds, then the other's (no call right after the other "
                            "side's)")
   parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="compute of the timed DiT and SD-VAE calls (tesserax model.dtype, "
+                           "the peer's torch.autocast); the checks run in float32")
+  parser.add_argument("--torch_compile", action="store_true",
+                      help="time torch.compile'd peer networks (the checks run eager)")
   parser.add_argument("--only", nargs="+", default=list(PEERS), choices=tuple(PEERS))
   parser.add_argument("--out", default=None, help="append the rows as JSON lines here")
   args = parser.parse_args()
@@ -576,6 +687,8 @@ def main():
   header = {"device": jax.devices()[0].device_kind, "cpu": platform.processor() or
             platform.machine(), "cores": os.cpu_count(), "jax": jax.__version__,
             "torch": torch.__version__, "torch_threads": args.threads, "order": args.order,
+            "torch_device": torch_device(), "dtype": args.dtype,
+            "torch_compile": args.torch_compile,
             "date": time.strftime("%Y-%m-%d"), "load_before": os.getloadavg()}
   if importlib.util.find_spec("torchvision") is not None:  # before diffusers or the FID peers
     header["torchvision"] = import_torchvision().__version__
