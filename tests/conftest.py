@@ -17,8 +17,13 @@ os.environ.update(host.huge_page_env(os.environ) or {})
 # 11:28 at these on 2 cores (BENCHMARKS.md, "The test suite's compile settings"). A test that runs
 # one program thousands of times asks for faster code through jax.jit's `compiler_options`
 # (test_gmm_students.py). Subprocesses inherit XLA_FLAGS, and the `tesserax` command keeps an
-# optimisation level it is given.
-TEST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+# optimisation level it is given. jaxlib 0.11 has only the MLIR emitters, and an XLA_FLAGS
+# naming the old flag stops the process there ("Unknown flag in XLA_FLAGS").
+import jaxlib.version  # noqa: E402  (no backend starts: XLA_FLAGS is read later)
+
+CLASSIC_EMITTERS = jaxlib.version.__version_info__ < (0, 11)
+TEST_COMPILE = ("--xla_backend_optimization_level=0",) + (
+    ("--xla_cpu_use_fusion_emitters=false",) if CLASSIC_EMITTERS else ())
 os.environ.update(host.xla_flags_env(os.environ, *TEST_COMPILE))
 
 import tesserax.tasks  # noqa: F401  (registers every built-in task, network, sampler, ...)

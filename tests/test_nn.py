@@ -256,10 +256,18 @@ def test_rope_is_a_rotation_of_each_pair():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_unmasked_attention_gives_jax_nn_values_bit_for_bit(dtype):
   """The head-major computation of unmasked attention (nn/attention.py `_softmax_attention`)
-  against `jax.nn.dot_product_attention` on the same inputs, jitted both: the same bits."""
+  against `jax.nn.dot_product_attention` on the same inputs, jitted both: the same bits with
+  jax 0.10, which the recorded figures were computed with. jax 0.11's float32 products round
+  differently (up to 1.5 ulp of the largest output here; bfloat16 still the same bits), so
+  there the check is to 2 ulp of the output's scale."""
   rng = np.random.default_rng(9)
   q, k, v = (jnp.asarray(rng.standard_normal((2, 16, 3, 8)), dtype) for _ in range(3))
   ours = jax.jit(attention.dot_product_attention)(q, k, v)
   theirs = jax.jit(jax.nn.dot_product_attention)(q, k, v)
   assert ours.dtype == theirs.dtype == dtype
-  np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(theirs, np.float32))
+  ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
+  if jax.__version_info__ < (0, 11):
+    np.testing.assert_array_equal(ours, theirs)
+  else:
+    np.testing.assert_allclose(ours, theirs, rtol=0,
+                               atol=2 * float(jnp.finfo(dtype).eps) * np.abs(theirs).max())
