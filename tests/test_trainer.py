@@ -92,7 +92,6 @@ def test_one_step_on_8_devices_matches_1_device(digits_data_dir):
   assert results["fsdp_x_tensor"]["all_gather"] <= 1.5 * results["fsdp"]["all_gather"], results
 
 
-
 def test_a_mesh_axis_that_divides_no_width_warns():
   """FSDP over 256 devices splits nothing of DiT-XL/2 (width 1,152 = 9 x 128) and 4-way tensor
   parallelism leaves LightningDiT-1p6B's SwiGLU width 4,778 whole; both warn, while fsdp 128 and
@@ -123,6 +122,7 @@ def test_a_mesh_axis_that_divides_no_width_warns():
                                     (xl2, (2, 64, 2), {"fsdp", "tensor"}),
                                     (lightning_1p6b, (1, 4, 2), {"fsdp", "tensor"})):
     assert shardings(config, mesh_shape) == (split, []), mesh_shape
+
 
 def _free_port():
   with socket.socket() as s:
